@@ -1,0 +1,7 @@
+"""``python -m LiverSegUNetLib`` runs the ``liverseg`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""The ``liverseg`` command: segment CTs and evaluate segmentations from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import Cancelled, InputError, LiverSegError, WeightsError
+
+EXIT_INPUT, EXIT_WEIGHTS, EXIT_CANCELLED = 2, 3, 130
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, with named stages."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.width, self.t0 = stream, width, time.perf_counter()
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        filled = int(self.width * fraction)
+        bar = "#" * filled + "-" * (self.width - filled)
+        self.stream.write(f"\r{stage:<12} [{bar}] {fraction:4.0%} {time.perf_counter() - self.t0:5.1f}s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line."""
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .inference import resolve_device
+    from .pipeline import segment_file
+    from .weights import load_model
+
+    device = resolve_device(args.device)
+    t = time.perf_counter()
+    model = load_model(args.model, device=device)
+    load_s = time.perf_counter() - t
+    bar = None if args.quiet else ProgressBar()
+    try:
+        summary = segment_file(
+            args.input,
+            args.output,
+            model=model,
+            formats=tuple(args.format.split(",")),
+            device=device,
+            postprocess=not args.no_postprocess,
+            series_uid=args.series_uid,
+            preview=not args.no_preview,
+            batch_size=args.batch_size,
+            progress=bar,
+        )
+    finally:
+        if bar:
+            bar.close()
+    s = summary["seconds"]
+    print(
+        f"{summary['case']}: liver {summary['liver_volume_ml']:.1f} ml in {summary['slices']} slices; "
+        f"{s['total']:.1f} s (read {s['read']:.1f}, model {s['inference']:.1f}, "
+        f"post {s.get('postprocess', 0):.1f}, write {s['write']:.1f}; model load {load_s:.1f}) "
+        f"on {summary['device']} {summary['precision']}"
+    )
+    for kind, name in summary["outputs"].items():
+        print(f"  {kind:<9} {Path(args.output) / name}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .io.ircadb import IrcadbPatient, is_ircadb_patient
+    from .io.segnrrd import read_mask
+    from .metrics import all_metrics
+
+    pred = read_mask(args.prediction, args.segment)
+    ref = (
+        IrcadbPatient(args.reference).mask(args.organ)
+        if is_ircadb_patient(args.reference)
+        else read_mask(args.reference)
+    )
+    if not pred.same_grid(ref, tol_mm=0.01):
+        raise InputError(
+            f"{args.prediction} and {args.reference} are not on the same voxel grid "
+            f"({pred.shape} vs {ref.shape}); resample one onto the other first"
+        )
+    values = all_metrics(pred.array, ref.array, ref.spacing_mm)
+    values["prediction_ml"] = float(pred.array.sum()) * pred.voxel_volume_ml
+    values["reference_ml"] = float(ref.array.sum()) * ref.voxel_volume_ml
+    if args.json:
+        print(
+            json.dumps(
+                {k: (None if isinstance(v, float) and math.isnan(v) else round(v, 5)) for k, v in values.items()}
+            )
+        )
+    else:
+        units = {"assd_mm": " mm", "hd95_mm": " mm", "prediction_ml": " ml", "reference_ml": " ml"}
+        for key, value in values.items():
+            print(f"{key:<14} {value:.4f}{units.get(key, '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``liverseg``."""
+    parser = argparse.ArgumentParser(
+        prog="liverseg", description="Liver segmentation of abdominal CT with a bundled U-Net."
+    )
+    parser.add_argument("--version", action="version", version=f"liverseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser(
+        "segment",
+        help="segment the liver of one CT",
+        description="Segment the liver of a CT: a DICOM series folder, a 3D-IRCADb patient folder "
+        "(zipped or not), or a .nrrd/.nii/.nii.gz file. Writes <case>.seg.nrrd (and/or "
+        "<case>.nii.gz), <case>.preview.png and <case>.summary.json into OUTPUT.",
+    )
+    seg.add_argument("input", type=Path, help="CT: DICOM folder, 3D-IRCADb patient folder, or NRRD/NIfTI file")
+    seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
+    seg.add_argument("--format", default="seg.nrrd", help="comma-separated: seg.nrrd, nifti (default: seg.nrrd)")
+    seg.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda (default: auto)")
+    seg.add_argument("--no-postprocess", action="store_true", help="keep the raw thresholded network output")
+    seg.add_argument("--series-uid", help="SeriesInstanceUID to use when the folder holds several series")
+    seg.add_argument("--no-preview", action="store_true", help="do not write the PNG preview")
+    seg.add_argument("--model", type=Path, help="model card (.json) to use instead of the bundled model")
+    seg.add_argument("--batch-size", type=int, default=16, help="slices per network batch (default: 16)")
+    seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(func=_segment)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="compare a segmentation with a reference",
+        description="Print Dice, VOE, RVD, ASSD and HD95 of PRED against REFERENCE (a labelmap/.seg.nrrd "
+        "on the same grid, or a 3D-IRCADb patient folder whose expert mask is used).",
+    )
+    ev.add_argument("prediction", type=Path, help="predicted mask: .seg.nrrd, .nrrd or .nii.gz")
+    ev.add_argument("reference", type=Path, help="reference mask file, or a 3D-IRCADb patient folder")
+    ev.add_argument("--organ", default="liver", help="mask to use from a 3D-IRCADb folder (default: liver)")
+    ev.add_argument("--segment", default=None, help="segment name to take from a .seg.nrrd prediction")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``liverseg``; returns the exit code (0 ok, 2 bad input, 3 bad model, 130 cancelled)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"liverseg: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except WeightsError as exc:
+        print(f"liverseg: model error: {exc}", file=sys.stderr)
+        return EXIT_WEIGHTS
+    except (Cancelled, KeyboardInterrupt):
+        print("liverseg: cancelled; no output written for the unfinished case", file=sys.stderr)
+        return EXIT_CANCELLED
+    except LiverSegError as exc:
+        print(f"liverseg: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

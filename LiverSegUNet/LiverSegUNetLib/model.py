@@ -1,0 +1,57 @@
+"""The 2D U-Net of the report, with configurable depth and width."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet2D(nn.Module):
+    """U-Net: ``depth`` poolings, ``base`` channels at full resolution, doubling per level.
+
+    Input ``(N, in_channels, H, W)`` with H and W multiples of ``2**depth``; output logits
+    ``(N, out_channels, H, W)``. The encoder (``encoder``, ``bottleneck``) and the decoder
+    (``ups``, ``decoder``, ``head``) are separate attributes so transfer learning can freeze one.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, base: int = 32, depth: int = 4):
+        super().__init__()
+        widths = [base * 2**d for d in range(depth + 1)]
+        self.depth = depth
+        self.encoder = nn.ModuleList(
+            [_block(in_channels if d == 0 else widths[d - 1], widths[d]) for d in range(depth)]
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = _block(widths[depth - 1], widths[depth])
+        self.ups = nn.ModuleList(
+            [nn.ConvTranspose2d(widths[d + 1], widths[d], 2, stride=2) for d in reversed(range(depth))]
+        )
+        self.decoder = nn.ModuleList([_block(2 * widths[d], widths[d]) for d in reversed(range(depth))])
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    def encoder_parameters(self):
+        """Parameters of the contracting path and bottleneck."""
+        yield from self.encoder.parameters()
+        yield from self.bottleneck.parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for up, block, skip in zip(self.ups, self.decoder, reversed(skips)):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return self.head(x)

@@ -1,0 +1,121 @@
+"""From a CT Volume to the model's input grid and back: reorientation, HU window, in-plane resampling."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .volume import Volume
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything inference must do to an image before and after the network, stored with the weights."""
+
+    hu_min: float = -200.0
+    hu_max: float = 300.0
+    spacing_mm: float = 1.5  #: in-plane pixel size of the model grid
+    context: int = 1  #: neighbouring slices on each side fed as extra channels (2.5D)
+    multiple: int = 16  #: model-grid sizes are padded to a multiple of this (2**depth)
+    threshold: float = 0.5
+
+    @property
+    def in_channels(self) -> int:
+        """Number of input channels: the slice and its neighbours."""
+        return 2 * self.context + 1
+
+    def to_dict(self) -> dict:
+        """Plain values for JSON."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Plan:
+        """Build from JSON values, refusing unknown keys."""
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+class Reorientation:
+    """The axis permutation and flips that bring a volume to axial LPS order, and back.
+
+    In the canonical array ``[k, j, i]`` the i axis points to the patient's left, j to posterior
+    and k to superior (the nearest such axes for oblique volumes), so slices look like the
+    radiological axial view the model was trained on.
+    """
+
+    def __init__(self, volume: Volume):
+        d = volume.direction
+        axis_of = [int(np.argmax(np.abs(d[:, a]))) for a in range(3)]  # LPS axis each ijk axis follows
+        if sorted(axis_of) != [0, 1, 2]:
+            raise InputError(f"volume direction {d.tolist()} has no unambiguous axial orientation")
+        self.source_for = [axis_of.index(lps) for lps in range(3)]  # ijk axis along L, P, S
+        self.flip = [bool(d[lps, self.source_for[lps]] < 0) for lps in range(3)]
+        self.source_shape = volume.shape
+
+    def forward(self, array: np.ndarray) -> np.ndarray:
+        """Source array ``[k, j, i]`` to canonical order (a view where possible)."""
+        out = np.transpose(array, [2 - self.source_for[2], 2 - self.source_for[1], 2 - self.source_for[0]])
+        flips = tuple(ax for ax, lps in zip((0, 1, 2), (2, 1, 0)) if self.flip[lps])
+        return np.flip(out, flips) if flips else out
+
+    def backward(self, array: np.ndarray) -> np.ndarray:
+        """Canonical array back to the source volume's order."""
+        flips = tuple(ax for ax, lps in zip((0, 1, 2), (2, 1, 0)) if self.flip[lps])
+        out = np.flip(array, flips) if flips else array
+        inverse = np.argsort([2 - self.source_for[2], 2 - self.source_for[1], 2 - self.source_for[0]])
+        return np.transpose(out, inverse)
+
+    def spacing(self, volume: Volume) -> tuple[float, float, float]:
+        """Canonical ``(i, j, k)`` spacing in mm."""
+        return tuple(volume.spacing_mm[self.source_for[lps]] for lps in range(3))
+
+
+@dataclass(frozen=True)
+class SliceGrid:
+    """How one slice of ``in_shape`` pixels maps to the model grid: resized, then zero-padded."""
+
+    in_shape: tuple[int, int]
+    size: tuple[int, int]
+    padded: tuple[int, int]
+
+    @classmethod
+    def for_slices(cls, in_shape: tuple[int, int], spacing_ij_mm: tuple[float, float], plan: Plan) -> SliceGrid:
+        """The grid for slices of ``in_shape`` (rows, columns) with (column, row) spacing in mm."""
+        rows, cols = in_shape
+        size = (
+            max(1, round(rows * spacing_ij_mm[1] / plan.spacing_mm)),
+            max(1, round(cols * spacing_ij_mm[0] / plan.spacing_mm)),
+        )
+        m = plan.multiple
+        return cls((rows, cols), size, (-(-size[0] // m) * m, -(-size[1] // m) * m))
+
+
+def normalize(hu: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Clip to the HU window and scale it to 0..1."""
+    return (hu.float().clamp(plan.hu_min, plan.hu_max) - plan.hu_min) / (plan.hu_max - plan.hu_min)
+
+
+def to_model_grid(slices: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
+    """Resample ``(N, H, W)`` slices onto the model grid ``(N, Hp, Wp)``, zero-padded bottom/right."""
+    x = F.interpolate(slices.float()[:, None], size=grid.size, mode="bilinear", align_corners=False, antialias=True)
+    pad = (0, grid.padded[1] - grid.size[1], 0, grid.padded[0] - grid.size[0])
+    return F.pad(x, pad)[:, 0]
+
+
+def from_model_grid(maps: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
+    """Inverse of :func:`to_model_grid` for ``(N, Hp, Wp)`` maps: crop the padding, resize back."""
+    x = maps[:, None, : grid.size[0], : grid.size[1]].float()
+    return F.interpolate(x, size=grid.in_shape, mode="bilinear", align_corners=False)[:, 0]
+
+
+def with_context(stack: torch.Tensor, centers: torch.Tensor, context: int) -> torch.Tensor:
+    """Channels ``k-context .. k+context`` for each centre slice ``k`` of ``stack`` (edges repeated)."""
+    offsets = torch.arange(-context, context + 1)
+    index = (centers[:, None] + offsets[None, :]).clamp(0, stack.shape[0] - 1)
+    return stack[index]

@@ -1,0 +1,169 @@
+"""Model files: safetensors weights plus a JSON card (architecture, preprocessing, provenance, sha256).
+
+Nothing here unpickles: weights are safetensors, metadata is JSON. The JSON records the sha256 of
+the weights file, and the weights' header records the sha256 of the JSON fields that decide what
+inference does, so neither file can be altered or swapped without the loader noticing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import WeightsError
+from .preprocess import Plan
+
+FORMAT = "liversegunet-model/1"
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL = MODELS_DIR / "liver_unet2d.json"
+_BEHAVIOUR_KEYS = ("model_id", "architecture", "preprocessing", "label")
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _behaviour_hash(card: dict) -> str:
+    return sha256_bytes(json.dumps({k: card[k] for k in _BEHAVIOUR_KEYS}, sort_keys=True).encode())
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run network with the card that describes it."""
+
+    network: object  # torch.nn.Module; typed loosely so importing this file stays cheap
+    plan: Plan
+    card: dict
+    path: Path
+
+    @property
+    def model_id(self) -> str:
+        """The model's identifier from its card."""
+        return self.card["model_id"]
+
+
+def build_network(architecture: dict):
+    """An untrained network of the described architecture."""
+    from .model import UNet2D
+
+    if architecture.get("name") != "UNet2D":
+        raise WeightsError(f"unknown architecture {architecture.get('name')!r}; this version knows UNet2D")
+    args = {k: v for k, v in architecture.items() if k != "name"}
+    try:
+        return UNet2D(**args)
+    except TypeError as exc:
+        raise WeightsError(f"architecture parameters {args} do not fit UNet2D: {exc}") from exc
+
+
+def save_model(
+    network,
+    plan: Plan,
+    path: str | os.PathLike,
+    *,
+    model_id: str,
+    label: str = "liver",
+    provenance: dict | None = None,
+    dtype: str = "float16",
+) -> Path:
+    """Write ``<path>.json`` and ``<path>.safetensors`` for ``network``; returns the JSON path."""
+    import torch
+    from safetensors.torch import save
+
+    path = Path(path).with_suffix("")
+    architecture = {
+        "name": "UNet2D",
+        "in_channels": plan.in_channels,
+        "out_channels": 1,
+        "base": network.encoder[0][0].out_channels,
+        "depth": network.depth,
+    }
+    card = {
+        "format": FORMAT,
+        "model_id": model_id,
+        "architecture": architecture,
+        "preprocessing": plan.to_dict(),
+        "label": label,
+    }
+    state = {
+        k: (v.to(getattr(torch, dtype)) if v.is_floating_point() else v).contiguous().cpu()
+        for k, v in network.state_dict().items()
+    }
+    data = save(state, metadata={"format": FORMAT, "card_sha256": _behaviour_hash(card)})
+    card.update(
+        {
+            "weights_file": path.name + ".safetensors",
+            "weights_sha256": sha256_bytes(data),
+            "weights_dtype": dtype,
+            "provenance": provenance or {},
+            "license": "Weights trained on 3D-IRCADb-01 (IRCAD France, CC BY-NC-ND 4.0): "
+            "non-commercial research use only; not a medical device.",
+        }
+    )
+    from .outputs import atomic_write_bytes
+
+    atomic_write_bytes(path.parent / card["weights_file"], data)
+    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(card, indent=2) + "\n").encode())
+    return path.with_suffix(".json")
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    """The JSON card of a model, checked for the fields inference needs."""
+    path = Path(path)
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise WeightsError(f"{path}: model card not found") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path}: model card is not valid JSON ({exc})") from exc
+    missing = [k for k in ("format", *_BEHAVIOUR_KEYS, "weights_file", "weights_sha256") if k not in card]
+    if missing or card.get("format") != FORMAT:
+        raise WeightsError(f"{path}: not a {FORMAT} model card (missing {missing or 'format'})")
+    return card
+
+
+def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> LoadedModel:
+    """Load and verify a model (the bundled one by default) onto ``device``, in eval mode."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path) if path else DEFAULT_MODEL
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    card = read_card(path)
+    weights_path = path.parent / card["weights_file"]
+    try:
+        data = weights_path.read_bytes()
+    except FileNotFoundError as exc:
+        raise WeightsError(f"{weights_path}: weights file not found (the card {path.name} names it)") from exc
+    actual = sha256_bytes(data)
+    if actual != card["weights_sha256"]:
+        raise WeightsError(
+            f"{weights_path}: checksum mismatch (sha256 {actual[:12]}..., card says {card['weights_sha256'][:12]}...); "
+            "the file is corrupted or was replaced: reinstall the model"
+        )
+    try:
+        state = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{weights_path}: not a valid safetensors file ({exc})") from exc
+    if meta.get("card_sha256") != _behaviour_hash(card):
+        raise WeightsError(f"{path}: the card's architecture/preprocessing do not match the weights it was saved with")
+    try:
+        plan = Plan.from_dict(card["preprocessing"])
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{path}: bad preprocessing block ({exc})") from exc
+    network = build_network(card["architecture"])
+    try:
+        network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as exc:
+        raise WeightsError(f"{weights_path}: weights do not fit the architecture ({exc})") from exc
+    network.eval().to(device)
+    if device == "cpu":
+        network.to(memory_format=torch.channels_last)
+    return LoadedModel(network, plan, card, path)

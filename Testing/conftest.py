@@ -1,0 +1,52 @@
+"""Shared fixtures: the real 3D-IRCADb patients (from LIVERSEG_DATA or ../shared/data) and synthetic DICOM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
+
+GET_DATA = (
+    "3D-IRCADb-01 not found at {root}. Download it from "
+    "https://www.ircad.fr/research/data-sets/liver-segmentation-3d-ircadb-01/ "
+    "and place the patient folders (3Dircadb1.1, ...) under <data>/3Dircadb1/, or point LIVERSEG_DATA at <data>."
+)
+PATIENTS = ("3Dircadb1.1", "3Dircadb1.7", "3Dircadb1.17")
+HELD_OUT = "3Dircadb1.17"  # never seen by the bundled model in training
+
+
+@pytest.fixture(scope="session")
+def ircadb_root() -> Path:
+    """Folder holding the 3Dircadb1.N patient folders; skips (fails under CI=true) when absent."""
+    root = default_data_root() / "3Dircadb1"
+    if not all((root / p).is_dir() for p in PATIENTS):
+        message = GET_DATA.format(root=root)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+_cache: dict[str, IrcadbPatient] = {}
+
+
+@pytest.fixture(scope="session")
+def patient(ircadb_root):
+    """Factory returning a cached IrcadbPatient by folder name."""
+
+    def get(name: str) -> IrcadbPatient:
+        if name not in _cache:
+            _cache[name] = IrcadbPatient(ircadb_root / name)
+        return _cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bundled_model():
+    """The bundled model, loaded once."""
+    from LiverSegUNetLib.weights import load_model
+
+    return load_model(device="cpu")

@@ -1,0 +1,130 @@
+"""``liverseg`` end to end on a real held-out patient, and its refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import HELD_OUT
+from dicom_factory import write_series
+from LiverSegUNetLib.cli import main
+from LiverSegUNetLib.io.segnrrd import read_mask, read_seg_nrrd
+from LiverSegUNetLib.metrics import dice
+from LiverSegUNetLib.weights import DEFAULT_MODEL
+
+LIVERSEG = str(Path(sys.executable).with_name("liverseg"))
+
+
+def test_segment_held_out_patient_end_to_end(patient, ircadb_root, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [LIVERSEG, "segment", str(ircadb_root / HELD_OUT), "-o", str(out), "--format", "seg.nrrd,nifti"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{HELD_OUT}{s}" for s in (".seg.nrrd", ".nii.gz", ".summary.json", ".preview.png"))
+    expert = patient(HELD_OUT).mask("liver")
+    seg, (segment,) = read_seg_nrrd(out / f"{HELD_OUT}.seg.nrrd")
+    assert seg.same_grid(expert, tol_mm=1e-3) and segment["Name"] == "Liver"
+    score = dice(seg.array > 0, expert.array)
+    assert score >= 0.85, score
+    np.testing.assert_array_equal(read_mask(out / f"{HELD_OUT}.nii.gz").array, seg.array)
+    summary = json.loads((out / f"{HELD_OUT}.summary.json").read_text())
+    assert summary["liver_volume_ml"] == pytest.approx(seg.array.sum() * seg.voxel_volume_ml, abs=0.1)
+    assert summary["slices"] == 119 and {"read", "inference", "postprocess", "write", "total"} <= set(
+        summary["seconds"]
+    )
+    assert f"{HELD_OUT}: liver" in proc.stdout
+    # evaluate prints the same Dice
+    ev = subprocess.run(
+        [LIVERSEG, "evaluate", str(out / f"{HELD_OUT}.seg.nrrd"), str(ircadb_root / HELD_OUT), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["dice"] == pytest.approx(score, abs=1e-4)
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    import SimpleITK as sitk
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cases = {}
+    cases["text"] = tmp_path / "notes.txt"
+    cases["text"].write_text("this is not a CT")
+    cases["empty"] = tmp_path / "empty"
+    cases["empty"].mkdir()
+    cases["2d"] = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((64, 64), np.int16)), str(cases["2d"]))
+    cases["rgb"] = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 64, 64, 3), np.uint8), isVector=True), str(cases["rgb"]))
+    cases["truncated"] = tmp_path / "dicom"
+    paths = write_series(cases["truncated"], np.zeros((5, 32, 32)) + 40)
+    paths[3].write_bytes(paths[3].read_bytes()[:-500])
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("text", "unsupported input"),
+        ("empty", "no DICOM image files"),
+        ("2d", "2D image"),
+        ("rgb", "colour"),
+        ("truncated", "pixel data cannot be decoded"),
+    ],
+)
+def test_bad_input_clear_error_nothing_written(tmp_path, capsys, case, message):
+    inputs = _bad_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["segment", str(inputs[case]), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("liverseg: error:") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_corrupted_weights_exit_code_and_nothing_written(patient, ircadb_root, tmp_path, capsys):
+    card = json.loads(DEFAULT_MODEL.read_text())
+    shutil.copy(DEFAULT_MODEL, tmp_path / DEFAULT_MODEL.name)
+    data = bytearray((DEFAULT_MODEL.parent / card["weights_file"]).read_bytes())
+    data[1000] ^= 0x10
+    (tmp_path / card["weights_file"]).write_bytes(bytes(data))
+    out = tmp_path / "out"
+    code = main(["segment", str(ircadb_root / HELD_OUT), "-o", str(out), "--model", str(tmp_path / DEFAULT_MODEL.name)])
+    assert code == 3
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cancel_leaves_no_file(patient, ircadb_root, tmp_path, monkeypatch):
+    from LiverSegUNetLib import pipeline
+    from LiverSegUNetLib.errors import Cancelled
+
+    calls = []
+    with pytest.raises(Cancelled):
+        pipeline.segment_file(
+            ircadb_root / HELD_OUT,
+            tmp_path,
+            device="cpu",
+            cancel=lambda: len(calls) > 0,
+            progress=lambda s, f: calls.append(s),
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_format_and_device(ircadb_root, tmp_path, capsys):
+    assert main(["segment", str(ircadb_root / HELD_OUT), "-o", str(tmp_path), "--format", "stl"]) == 2
+    assert "unknown output format" in capsys.readouterr().err
+    assert main(["segment", str(ircadb_root / HELD_OUT), "-o", str(tmp_path), "--device", "tpu"]) == 2
+    assert "unknown device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

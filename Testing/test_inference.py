@@ -1,0 +1,106 @@
+"""Inference and postprocessing: bad volumes refused, cancel and progress honoured, orientation kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import HELD_OUT
+from LiverSegUNetLib import metrics
+from LiverSegUNetLib.errors import Cancelled, InputError
+from LiverSegUNetLib.inference import segment
+from LiverSegUNetLib.postprocess import fill_holes_per_slice, largest_component
+from LiverSegUNetLib.volume import Volume
+
+
+def test_largest_component_and_holes():
+    m = np.zeros((5, 20, 20), np.uint8)
+    m[1:4, 2:12, 2:12] = 1  # big blob with a hole in slice 2
+    m[2, 6, 6] = 0
+    m[1:3, 15:18, 15:18] = 1  # small blob
+    big = largest_component(m)
+    assert big[:, 15:18, 15:18].sum() == 0 and big[1:4, 2:12, 2:12].sum() == 3 * 100 - 1
+    filled = fill_holes_per_slice(big)
+    assert filled[2, 6, 6] == 1 and filled.sum() == 300
+    # a notch open to the slice border is not a hole
+    notch = np.zeros((1, 10, 10), np.uint8)
+    notch[0, 2:8, 2:8] = 1
+    notch[0, 4:6, 2:5] = 0
+    assert fill_holes_per_slice(notch)[0, 4, 2] == 0
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((4, 64, 64), np.int16), "constant"),
+        (np.full((4, 64, 64), np.nan, np.float32), "NaN"),
+        (np.zeros((1, 4, 64), np.int16), "too small"),
+    ],
+)
+def test_bad_volumes_refused(bundled_model, array, message):
+    with pytest.raises(InputError, match=message):
+        segment(Volume(array, (1, 1, 1)), bundled_model, device="cpu")
+
+
+def _crop(vol: Volume, k0: int, k1: int) -> Volume:
+    origin = vol.ijk_to_lps() @ np.array([0, 0, k0, 1.0])
+    return Volume(vol.array[k0:k1], vol.spacing_mm, origin[:3], vol.direction)
+
+
+def test_cancel_and_progress(patient, bundled_model):
+    ct = _crop(patient(HELD_OUT).ct, 40, 80)
+    seen = []
+    with pytest.raises(Cancelled):
+        segment(
+            ct,
+            bundled_model,
+            device="cpu",
+            batch_size=8,
+            progress=lambda s, f: seen.append((s, f)),
+            cancel=lambda: len(seen) >= 2,
+        )
+    assert seen == [("inference", 8 / 40), ("inference", 16 / 40)]
+    seen.clear()
+    segment(ct, bundled_model, device="cpu", batch_size=8, progress=lambda s, f: seen.append((s, f)))
+    fractions = [f for s, f in seen if s == "inference"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert seen[-1] == ("postprocess", 1.0)
+
+
+def _transform(vol: Volume, perm: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> Volume:
+    """The same physical image stored with ijk axes permuted (new axis a = old axis perm[a]) and flipped."""
+    shape_ijk = vol.shape[::-1]
+    m = np.zeros((4, 4))  # new ijk -> old ijk
+    m[3, 3] = 1
+    for a in range(3):
+        old = perm[a]
+        if flips[a]:
+            m[old, a], m[old, 3] = -1, shape_ijk[old] - 1
+        else:
+            m[old, a] = 1
+    affine = vol.ijk_to_lps() @ m
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    arr = np.transpose(vol.array, [2 - perm[2], 2 - perm[1], 2 - perm[0]])
+    arr = np.flip(arr, [2 - a for a in range(3) if flips[a]]) if any(flips) else arr
+    return Volume(np.ascontiguousarray(arr), spacing, affine[:3, 3], affine[:3, :3] / spacing)
+
+
+def test_orientation_does_not_change_the_physical_result(patient, bundled_model):
+    ct = _crop(patient(HELD_OUT).ct, 30, 90)
+    ref = segment(ct, bundled_model, device="cpu").mask
+    assert ref.array.sum() > 10_000
+    for perm, flips in [
+        ((0, 1, 2), (True, False, True)),
+        ((1, 0, 2), (False, True, False)),
+        ((2, 0, 1), (True, True, False)),
+    ]:
+        moved = _transform(ct, perm, flips)
+        assert moved.shape != ct.shape or flips != (False, False, False)
+        out = segment(moved, bundled_model, device="cpu").mask
+        assert out.same_grid(moved)
+        # map the result back: its voxels, placed in LPS, must be the reference's voxels
+        k, j, i = np.nonzero(out.array)
+        world = (out.ijk_to_lps() @ np.stack([i, j, k, np.ones_like(i)]).astype(float))[:3]
+        ijk = np.linalg.solve(ref.ijk_to_lps(), np.vstack([world, np.ones(world.shape[1])]))[:3].round().astype(int)
+        remapped = np.zeros_like(ref.array)
+        remapped[ijk[2], ijk[1], ijk[0]] = 1
+        assert metrics.dice(remapped, ref.array) == 1.0, (perm, flips)
