@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# Slicer's real MRML classes (slicer-core) plus stand-ins for what only the Slicer application
+# provides; must be on sys.path before anything imports `slicer`.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "slicer_harness"))
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
 
 GET_DATA = (

@@ -1,0 +1,91 @@
+"""Extension packaging: CMake lists match the files, the catalog entry matches the project, the .ui has every widget."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "LiverSegUNet"
+
+
+def _cmake_set(text: str, name: str) -> list[str]:
+    match = re.search(rf"set\({name}\s+(.*?)\)", text, re.S)
+    assert match, name
+    return match.group(1).split()
+
+
+def test_module_cmake_lists_every_script_and_resource():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    listed = {s.replace("${MODULE_NAME}", "LiverSegUNet") for s in _cmake_set(text, "MODULE_PYTHON_SCRIPTS")}
+    resources = {s.replace("${MODULE_NAME}", "LiverSegUNet") for s in _cmake_set(text, "MODULE_PYTHON_RESOURCES")}
+    on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert listed == on_disk
+    for r in resources:
+        assert (MODULE / r).is_file(), r
+    shipped = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file()}
+    shipped |= {str(p.relative_to(MODULE)) for p in (MODULE / "LiverSegUNetLib" / "models").iterdir()}
+    assert shipped == resources
+    assert "WITH_GENERIC_TESTS" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_extension_cmake_metadata_and_catalog_entry():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r"^project\(LiverSegUNet\)", text, re.M)
+    fields = dict(re.findall(r'set\((EXTENSION_\w+)\s+"?(.*?)"?\)\n', text))
+    for key in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_DEPENDS",
+    ):
+        assert fields.get(key), key
+    assert fields["EXTENSION_DEPENDS"] == "PyTorch" and fields["EXTENSION_CATEGORY"] == "Segmentation"
+    assert "add_subdirectory(LiverSegUNet)" in text
+    icon = fields["EXTENSION_ICONURL"].rsplit("/main/", 1)[1]
+    assert (ROOT / icon).is_file()
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(ROOT / icon))
+    assert image.GetSize() == (128, 128) and image.GetNumberOfComponentsPerPixel() in (3, 4)
+    catalog = json.loads((ROOT / "Resources" / "LiverSegUNet.json").read_text())
+    allowed = {
+        "$schema",
+        "build_dependencies",
+        "build_subdirectory",
+        "category",
+        "scm_revision",
+        "scm_type",
+        "scm_url",
+        "tier",
+        "enabled",
+    }
+    assert set(catalog) <= allowed and {"$schema", "category", "scm_url"} <= set(catalog)
+    assert catalog["category"] == fields["EXTENSION_CATEGORY"]
+    assert catalog["build_dependencies"] == fields["EXTENSION_DEPENDS"].split(";")
+    assert catalog["scm_url"].removesuffix(".git") in fields["EXTENSION_ICONURL"].replace(
+        "raw.githubusercontent.com", "github.com"
+    )
+    assert (ROOT / "LICENSE").is_file()
+
+
+def test_every_widget_the_code_uses_exists_in_the_ui():
+    names = {w.get("name") for w in ET.parse(MODULE / "Resources" / "UI" / "LiverSegUNet.ui").iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "LiverSegUNet.py").read_text()))
+    assert used and used <= names, used - names
+
+
+def test_module_file_imports_nothing_heavy_at_file_scope():
+    tree = ast.parse((MODULE / "LiverSegUNet.py").read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top.add((node.module or "").split(".")[0])
+    assert top <= {"logging", "os", "threading", "time", "numpy", "slicer", "vtk"}, top

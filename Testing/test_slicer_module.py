@@ -1,0 +1,197 @@
+"""The Slicer module's Logic and Test, headless against Slicer's real MRML and segmentation classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import HELD_OUT
+
+slicer = pytest.importorskip("slicer")
+import headless  # noqa: E402
+
+headless.start()
+from LiverSegUNetLib.errors import InputError  # noqa: E402
+from LiverSegUNetLib.metrics import dice  # noqa: E402
+from LiverSegUNetLib.terminology import LIVER  # noqa: E402
+
+import LiverSegUNet  # noqa: E402
+from LiverSegUNet import RAS_FROM_LPS, LiverSegUNetLogic  # noqa: E402
+
+
+class TestModuleSelfTest(LiverSegUNet.LiverSegUNetTest):
+    """The module's own ScriptedLoadableModuleTest, as Slicer's ctest runs it."""
+
+
+@pytest.fixture(scope="module")
+def ct(patient):
+    """The held-out patient, cropped to 48 slices through the liver to keep the suite fast."""
+    full = patient(HELD_OUT).ct
+    k0, k1 = 40, 88
+    origin = full.ijk_to_lps() @ np.array([0, 0, k0, 1.0])
+    from LiverSegUNetLib.volume import Volume
+
+    return Volume(full.array[k0:k1].copy(), full.spacing_mm, origin[:3], full.direction), patient(HELD_OUT).mask(
+        "liver"
+    ).array[k0:k1]
+
+
+@pytest.fixture()
+def scene():
+    slicer.mrmlScene.Clear()
+    return slicer.mrmlScene
+
+
+def add_volume(array, ijk_to_lps, name="CT"):
+    node = slicer.util.addVolumeFromArray(np.ascontiguousarray(array), name=name)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(RAS_FROM_LPS @ ijk_to_lps))
+    return node
+
+
+def ras_points(mask, volume_node):
+    """RAS coordinates (rounded to 0.01 mm) of the voxels set in ``mask`` on ``volume_node``'s grid."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    k, j, i = np.nonzero(mask)
+    pts = (slicer.util.arrayFromVTKMatrix(m) @ np.stack([i, j, k, np.ones_like(i)]).astype(float))[:3].T
+    return {tuple(p) for p in np.round(pts, 2)}
+
+
+def test_orientation_flipped_and_permuted_give_the_same_physical_segment(scene, ct):
+    volume, _ = ct
+    logic = LiverSegUNetLogic()
+    base = add_volume(volume.array, volume.ijk_to_lps(), "axial")
+    seg = logic.newSegmentationNode(base)
+    logic.process(base, seg, device="cpu")
+    ref = ras_points(slicer.util.arrayFromSegmentBinaryLabelmap(seg, "Liver", base), base)
+    assert len(ref) > 50_000
+    shape_ijk = volume.shape[::-1]
+    for name, perm, flips in [
+        ("flipped", (0, 1, 2), (True, True, False)),
+        ("permuted", (2, 0, 1), (False, True, True)),
+    ]:
+        m = np.zeros((4, 4))  # new ijk -> old ijk
+        m[3, 3] = 1
+        for a in range(3):
+            m[perm[a], a] = -1 if flips[a] else 1
+            m[perm[a], 3] = shape_ijk[perm[a]] - 1 if flips[a] else 0
+        arr = np.transpose(volume.array, [2 - perm[2], 2 - perm[1], 2 - perm[0]])
+        arr = np.flip(arr, [2 - a for a in range(3) if flips[a]])
+        node = add_volume(arr, volume.ijk_to_lps() @ m, name)
+        out = logic.newSegmentationNode(node)
+        logic.process(node, out, device="cpu")
+        got = ras_points(slicer.util.arrayFromSegmentBinaryLabelmap(out, "Liver", node), node)
+        assert got == ref, name
+
+
+def test_rerun_replaces_liver_and_keeps_user_segment(scene, ct):
+    volume, expert = ct
+    node = add_volume(volume.array, volume.ijk_to_lps())
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    user_id = seg.GetSegmentation().AddEmptySegment("tumour", "Tumour", [0.2, 0.9, 0.2])
+    user_mask = np.zeros(volume.shape, np.uint8)
+    user_mask[20:25, 200:230, 150:180] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(user_mask, seg, user_id, node)
+    logic = LiverSegUNetLogic()
+    first = logic.process(node, seg, device="cpu")
+    second = logic.process(node, seg, device="cpu", postprocess=False)
+    segmentation = seg.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 2
+    names = sorted(segmentation.GetNthSegment(i).GetName() for i in range(2))
+    assert names == ["Liver", "Tumour"]
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, user_id, node), user_mask)
+    liver = slicer.util.arrayFromSegmentBinaryLabelmap(seg, "Liver", node)
+    assert second["volume_ml"] == pytest.approx(liver.sum() * volume.voxel_volume_ml, abs=1)
+    assert first["volume_ml"] != second["volume_ml"]  # the second run (no postprocessing) replaced the first
+    assert dice(liver, expert) > 0.85
+
+
+def test_cancel_leaves_the_segmentation_unchanged(scene, ct):
+    volume, _ = ct
+    node = add_volume(volume.array, volume.ijk_to_lps())
+    seg = LiverSegUNetLogic().newSegmentationNode(node)
+    seg.GetSegmentation().AddEmptySegment("keep", "Keep", [0, 0, 1])
+    before = seg.GetMTime()
+    assert LiverSegUNetLogic().process(node, seg, device="cpu", cancel=lambda: True) is None
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+    assert seg.GetSegmentation().GetNthSegment(0).GetName() == "Keep"
+    assert seg.GetMTime() == before
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [("constant", "constant"), ("2d", "not a 3D volume"), ("rgb", "3 components per voxel"), ("empty", "no voxels")],
+)
+def test_bad_volumes_clear_error_no_segment(scene, kind, message):
+    if kind == "constant":
+        node = slicer.util.addVolumeFromArray(np.full((6, 64, 64), 40, np.int16))
+    elif kind == "2d":
+        node = slicer.util.addVolumeFromArray(np.zeros((1, 64, 64), np.int16) + np.arange(64, dtype=np.int16))
+    elif kind == "rgb":
+        node = slicer.util.addVolumeFromArray(
+            np.zeros((4, 64, 64, 3), np.uint8), nodeClassName="vtkMRMLVectorVolumeNode"
+        )
+    else:
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(InputError, match=message):
+        LiverSegUNetLogic().process(node, seg, device="cpu")
+    assert seg.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_saved_seg_nrrd_round_trips_through_slicer_storage(scene, ct, tmp_path):
+    volume, _ = ct
+    node = add_volume(volume.array, volume.ijk_to_lps())
+    seg = LiverSegUNetLogic().newSegmentationNode(node)
+    LiverSegUNetLogic().process(node, seg, device="cpu")
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg, "Liver", node)
+    storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(tmp_path / "liver.seg.nrrd"))
+    assert storage.WriteData(seg)
+    back = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    reader = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(tmp_path / "liver.seg.nrrd"))
+    assert reader.ReadData(back)
+    segment = back.GetSegmentation().GetNthSegment(0)
+    assert segment.GetName() == "Liver"
+    np.testing.assert_allclose(segment.GetColor(), LIVER.color, atol=1e-4)
+    assert segment.GetTerminology() == LIVER.terminology_entry()
+    segment_id = back.GetSegmentation().GetNthSegmentID(0)
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(back, segment_id, node), mask)
+
+
+def test_reference_geometry_and_subject_hierarchy(scene, ct):
+    volume, _ = ct
+    node = add_volume(volume.array, volume.ijk_to_lps())
+    sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+    patient_item = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient")
+    study_item = sh.CreateStudyItem(patient_item, "Study")
+    sh.CreateItem(study_item, node)
+    seg = LiverSegUNetLogic().newSegmentationNode(node)
+    LiverSegUNetLogic().process(node, seg, device="cpu")
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study_item
+    geometry = seg.GetSegmentation().GetConversionParameter("Reference image geometry")
+    assert geometry  # set from the input volume, which DICOM-SEG export needs
+    assert seg.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) == node
+
+
+def test_parameter_node_defaults_and_saved_scene(scene, tmp_path):
+    first = slicer.util.addVolumeFromArray(np.zeros((3, 16, 16), np.int16), name="first")
+    slicer.util.addVolumeFromArray(np.zeros((3, 16, 16), np.int16), name="second")
+    logic = LiverSegUNetLogic()
+    p = logic.getParameterNode()
+    logic.setDefaultParameters(p)
+    assert p.GetNodeReference("InputVolume") == first
+    assert p.GetParameter("Device") == "auto" and p.GetParameter("Postprocess") == "true"
+    p.SetParameter("Device", "cpu")
+    p.SetParameter("Postprocess", "false")
+    slicer.mrmlScene.SetURL(str(tmp_path / "scene.mrml"))
+    slicer.mrmlScene.Commit()
+    slicer.mrmlScene.Clear()
+    slicer.mrmlScene.SetURL(str(tmp_path / "scene.mrml"))
+    slicer.mrmlScene.Import()
+    restored = LiverSegUNetLogic().getParameterNode()
+    assert restored.GetParameter("Device") == "cpu" and restored.GetParameter("Postprocess") == "false"
+    assert restored.GetNodeReference("InputVolume").GetName() == "first"
