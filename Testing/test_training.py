@@ -1,55 +1,198 @@
-"""A tiny real training run: data to an exported model that the product's inference loads and runs."""
+"""Training: a tiny real run to a loadable model, transfer/freeze semantics, honest splits, DDP, the report."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-from LiverSegUNetLib.inference import segment
-from LiverSegUNetLib.volume import Volume
-from LiverSegUNetLib.weights import load_model
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from LiverSegUNetLib.inference import autocast_for, segment  # noqa: E402
+from LiverSegUNetLib.preprocess import Plan  # noqa: E402
+from LiverSegUNetLib.volume import Volume  # noqa: E402
+from LiverSegUNetLib.weights import load_model, save_model  # noqa: E402
+
+from training import train  # noqa: E402
+
+CONFIGS = ROOT / "training" / "configs"
+TINY = ["epochs=1", "base=4", "depth=2", "crop=64", "batch_size=4"]
 
 
-def test_tiny_training_run_exports_a_loadable_model(ircadb_root, patient, tmp_path):
-    out = tmp_path / "run"
+def _train(ircadb_root, out: Path, config: str, *sets: str, runner=(sys.executable,)) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable,
+        *runner,
         str(ROOT / "training" / "train.py"),
-        str(ROOT / "training" / "configs" / "liver_first.toml"),
+        str(CONFIGS / f"{config}.toml"),
         "--data",
         str(ircadb_root.parent),
         "--out",
         str(out),
-        "--set",
-        "epochs=1",
-        "--set",
-        "base=4",
-        "--set",
-        "depth=2",
-        "--set",
-        "crop=64",
-        "--set",
-        "batch_size=4",
-        "--set",
-        "samples_fraction=0.03",
-        "--set",
-        'train_patients=["3Dircadb1.7"]',
-        "--set",
-        "test_patients=[]",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    for s in (*TINY, *sets):
+        cmd += ["--set", s]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_training_run_exports_a_loadable_model(ircadb_root, patient, tmp_path):
+    proc = _train(
+        ircadb_root,
+        tmp_path / "run",
+        "liver_scratch",
+        "samples_fraction=0.05",
+        'train_patients=["3Dircadb1.7"]',
+        'test_patients=["3Dircadb1.17"]',
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    history = json.loads((out / "history.json").read_text())
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
-    model = load_model(out / "model.json")
-    assert model.card["provenance"]["train_patients"] == ["3Dircadb1.7"]
+    assert set(history[0]["val"]) == {"loss", "dice", "accuracy"}
+    model = load_model(tmp_path / "run" / "model.json")
+    prov = model.card["provenance"]
+    assert prov["train_patients"] == ["3Dircadb1.7"] and set(prov["held_out_metrics"]) == {"3Dircadb1.17"}
     assert model.plan.multiple == 4 and model.card["architecture"]["base"] == 4
     ct = patient("3Dircadb1.17").ct
     small = Volume(ct.array[50:54], ct.spacing_mm, ct.origin_lps, ct.direction)
     result = segment(small, model, device="cpu", postprocess=False)
     assert result.mask.same_grid(small) and result.mask.array.dtype == np.uint8
+
+
+def test_overlapping_split_is_refused(ircadb_root, tmp_path):
+    proc = _train(
+        ircadb_root,
+        tmp_path / "run",
+        "liver_scratch",
+        'train_patients=["3Dircadb1.7"]',
+        'test_patients=["3Dircadb1.7"]',
+    )
+    assert proc.returncode != 0 and "both in training and test" in proc.stderr
+
+
+class _Fake:
+    def __init__(self, n, tag):
+        self.images = torch.full((n, 8, 8), float(tag))
+
+
+def test_subset_is_reproducible_and_from_training_patients_only():
+    train_set = [_Fake(40, 1), _Fake(60, 2)]
+    a = train.training_samples(train_set, 0.25, subset_seed=1234)
+    b = train.training_samples(train_set, 0.25, subset_seed=1234)
+    c = train.training_samples(train_set, 0.25, subset_seed=99)
+    assert a == b and a != c and len(a) == 25
+    assert all(p in (0, 1) and k < train_set[p].images.shape[0] for p, k in a)
+    # every slice a batch is built from comes from the training list it is given
+    plan = Plan(multiple=4)
+    for ps in train_set:
+        ps.labels = torch.zeros_like(ps.images)
+    x, _ = train.make_batch(train_set, a[:6], plan, 8, np.random.default_rng(0))
+    assert set(torch.unique(x).tolist()) <= {1.0, 2.0}
+
+
+@pytest.fixture()
+def source_card(tmp_path) -> Path:
+    torch.manual_seed(3)
+    net = train.UNet2D(3, 1, base=4, depth=2)
+    for m in net.modules():  # give batch-norm non-trivial statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+    return save_model(net, Plan(multiple=4), tmp_path / "bone", model_id="bone-test", label="bone", dtype="float32")
+
+
+def _cfg(**over):
+    cfg = train.load_config(CONFIGS / "liver_transfer_25.toml", [f"{k}={v}" for k, v in over.items()])
+    return cfg
+
+
+def test_transfer_loads_the_source_encoder(source_card):
+    cfg = _cfg(base=4, depth=2, init_from=json.dumps(str(source_card)))
+    net = train.build_network(cfg, train.plan_of(cfg))
+    source = load_model(source_card).network
+    for a, b in zip(net.encoder_parameters(), source.encoder_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(net.encoder[0][1].running_mean, source.encoder[0][1].running_mean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_encoder_does_not_move_and_decoder_does(source_card, frozen):
+    cfg = _cfg(base=4, depth=2, init_from=json.dumps(str(source_card)), freeze_encoder=str(frozen).lower())
+    net = train.build_network(cfg, train.plan_of(cfg))
+    before_enc = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(("encoder", "bottleneck"))}
+    before_dec = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(("decoder", "ups", "head"))}
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    train.set_train_mode(net, cfg)
+    x, y = torch.rand(4, 3, 32, 32), (torch.rand(4, 1, 32, 32) > 0.5).float()
+    train.train_step(net, opt, sched, x, y, autocast_for("cpu")[0], "cpu")
+    after = net.state_dict()
+    enc_same = all(torch.equal(after[k], v) for k, v in before_enc.items())
+    assert enc_same == frozen
+    assert any(not torch.equal(after[k], v) for k, v in before_dec.items())
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun not installed"
+)
+def test_torchrun_two_cpu_processes_keep_equal_weights(ircadb_root, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    proc = _train(
+        ircadb_root,
+        tmp_path / "ddp",
+        "liver_scratch",
+        "samples_fraction=0.1",
+        'device="cpu"',
+        'train_patients=["3Dircadb1.7"]',
+        "test_patients=[]",
+        runner=(torchrun, "--nproc_per_node", "2", "--master_port", "29517"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = [(tmp_path / "ddp" / f"rank{r}.sha256").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    card = json.loads((tmp_path / "ddp" / "model.json").read_text())
+    assert card["provenance"]["processes"] == 2
+
+
+def test_report_is_written_from_runs(tmp_path):
+    from training import report
+
+    runs = tmp_path / "loo"
+    for patient, dice in (("3Dircadb1.1", 0.9), ("3Dircadb1.7", 0.8)):
+        for exp in ("liver_scratch", "liver_transfer_25"):
+            folder = runs / patient / exp
+            folder.mkdir(parents=True)
+            metrics = {"dice": dice, "voe": 0.2, "rvd": 0.01, "assd_mm": 2.0, "hd95_mm": 9.0, "accuracy": 0.99}
+            prov = {
+                "organ": "liver",
+                "training_slices": 100,
+                "config": {"epochs": 2},
+                "train_seconds": 60.0,
+                "held_out_metrics": {patient: metrics},
+                "test_patients": [patient],
+                "precision": "bf16",
+                "processes": 1,
+                "device": "cpu",
+                "command": f"python training/train.py {exp}",
+            }
+            (folder / "model.json").write_text(json.dumps({"provenance": prov}))
+            hist = [
+                {"epoch": e, "loss": 1.0 / e, "val": {"loss": 1.0, "dice": 0.5 * e, "accuracy": 0.9}} for e in (1, 2)
+            ]
+            (folder / "history.json").write_text(json.dumps(hist))
+    path = report.write_report(runs, tmp_path / "results")
+    text = path.read_text()
+    assert "| liver_scratch | liver | 100 | 2 | 0.850 ± 0.071 |" in text
+    assert "0.900 / 2.00 / 9.0" in text and "Why pixel accuracy flatters" in text
+    assert {p.name for p in (tmp_path / "results").glob("*.png")} == {
+        "curves_train_loss.png",
+        "curves_val_loss.png",
+        "curves_val_dice.png",
+        "curves_val_accuracy.png",
+    }

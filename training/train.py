@@ -1,16 +1,20 @@
-"""Train a liver (or bone) U-Net on 3D-IRCADb patients, evaluate it on held-out patients, export it.
+"""Train a U-Net on 3D-IRCADb masks (liver or bone), validate on held-out patients, save the model.
 
-    python training/train.py training/configs/liver_first.toml [--set key=value ...]
+    python training/train.py training/configs/liver_scratch.toml [--set key=value ...] [--out DIR] [--resume]
+    torchrun --nproc_per_node 2 training/train.py CONFIG ...      (DistributedDataParallel, no code change)
 
-The model is saved in the run folder; ``training/export.py`` installs it as the bundled model.
-A config file is one experiment; ``--set epochs=5 --set plan.spacing_mm=2.0`` overrides values.
-Held-out patients are evaluated in 3D on their original grid with the product's own inference
-and postprocessing (``LiverSegUNetLib.inference.segment``).
+A config file is one experiment (``extends`` another to inherit); ``--set epochs=5 --set
+plan.spacing_mm=2.0`` overrides values. Each epoch logs the training loss and, on the test
+patients' slices, loss, Dice and pixel accuracy; the end of the run evaluates the test patients in
+3D on their original grid with the product's own inference and postprocessing and saves
+``model.json`` + ``model.safetensors`` (install it as the bundled model with training/export.py).
+A checkpoint is written every epoch; ``--resume`` continues from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -24,32 +28,51 @@ from pathlib import Path
 import numpy as np
 import tomllib
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LiverSegUNet"))
 
 from LiverSegUNetLib import metrics  # noqa: E402
-from LiverSegUNetLib.inference import autocast_for, prepare_slices, segment  # noqa: E402
+from LiverSegUNetLib.cli import ProgressBar  # noqa: E402
+from LiverSegUNetLib.inference import autocast_for, prepare_slices, resolve_device, segment  # noqa: E402
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root  # noqa: E402
 from LiverSegUNetLib.model import UNet2D  # noqa: E402
 from LiverSegUNetLib.preprocess import Plan, Reorientation, SliceGrid, to_model_grid, with_context  # noqa: E402
-from LiverSegUNetLib.weights import LoadedModel, save_model  # noqa: E402
+from LiverSegUNetLib.weights import LoadedModel, load_model, save_model  # noqa: E402
 
 log = logging.getLogger("train")
 
 
-def load_config(path: Path, overrides: list[str]) -> dict:
-    """The TOML config with ``key=value`` / ``section.key=value`` overrides (values parsed as TOML)."""
-    cfg = tomllib.loads(path.read_text())
+# -- configuration ---------------------------------------------------------------------------
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> dict:
+    """A TOML experiment (merged over the file it ``extends``) with ``key=value`` overrides applied."""
+    cfg = tomllib.loads(Path(path).read_text())
+    parent = cfg.pop("extends", None)
+    if parent:
+        base = load_config(Path(path).parent / parent)
+        for key, value in cfg.items():
+            base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
+        cfg = base
     for item in overrides:
         key, _, value = item.partition("=")
         *parents, leaf = key.strip().split(".")
         node = cfg
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = tomllib.loads(f"v = {value}")["v"] if value else ""
+        node[leaf] = tomllib.loads(f"v = {value}")["v"]
     return cfg
+
+
+def plan_of(cfg: dict) -> Plan:
+    """The preprocessing plan a config describes."""
+    return Plan(multiple=2 ** cfg["depth"], **cfg["plan"])
+
+
+# -- data ------------------------------------------------------------------------------------
 
 
 class PatientSlices:
@@ -58,13 +81,21 @@ class PatientSlices:
     def __init__(self, patient: IrcadbPatient, organ: str, plan: Plan):
         ct, mask = patient.ct, patient.mask(organ)
         reorient = Reorientation(ct)
-        spacing = reorient.spacing(ct)
-        grid = SliceGrid.for_slices(ct.shape[1:], spacing[:2], plan)
+        grid = SliceGrid.for_slices(ct.shape[1:], reorient.spacing(ct)[:2], plan)
         hu = torch.from_numpy(np.ascontiguousarray(reorient.forward(ct.array)))
         lab = torch.from_numpy(np.ascontiguousarray(reorient.forward(mask.array)))
         self.name = patient.name
         self.images = prepare_slices(hu, grid, plan).half()
         self.labels = to_model_grid(lab.float(), grid).half()
+
+
+def training_samples(train: list[PatientSlices], fraction: float, subset_seed: int) -> list[tuple[int, int]]:
+    """(patient index, slice index) pairs; a ``fraction`` < 1 keeps a subset fixed by ``subset_seed``."""
+    samples = [(p, k) for p, ps in enumerate(train) for k in range(ps.images.shape[0])]
+    if fraction < 1:
+        keep = np.random.default_rng(subset_seed).permutation(len(samples))[: max(1, round(len(samples) * fraction))]
+        samples = [samples[i] for i in sorted(keep)]
+    return samples
 
 
 def crop_or_pad(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -77,6 +108,18 @@ def crop_or_pad(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.T
         h, w = x.shape[-2:]
     top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
     return x[..., top : top + size, left : left + size]
+
+
+def make_batch(train, batch, plan: Plan, crop: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(B, C, crop, crop)`` with neighbouring-slice channels, and labels ``(B, 1, crop, crop)``."""
+    xs, ys = [], []
+    for p, k in batch:
+        ps = train[p]
+        both = torch.cat([with_context(ps.images, torch.tensor([k]), plan.context)[0], ps.labels[k : k + 1]])
+        both = crop_or_pad(both, crop, rng)
+        xs.append(both[:-1])
+        ys.append(both[-1:])
+    return torch.stack(xs).float(), torch.stack(ys).float()
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +146,42 @@ def augment(x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator) -
     return x, y
 
 
+# -- model -----------------------------------------------------------------------------------
+
+
+def build_network(cfg: dict, plan: Plan) -> UNet2D:
+    """A fresh U-Net, or one initialised from ``init_from``; the encoder frozen if ``freeze_encoder``."""
+    net = UNet2D(plan.in_channels, 1, cfg["base"], cfg["depth"])
+    if cfg["init_from"]:
+        source = load_model(ROOT / cfg["init_from"] if not Path(cfg["init_from"]).is_absolute() else cfg["init_from"])
+        net.load_state_dict(source.network.state_dict())
+    if cfg["freeze_encoder"]:
+        for p in net.encoder_parameters():
+            p.requires_grad_(False)
+    return net
+
+
+def set_train_mode(net: UNet2D, cfg: dict) -> None:
+    """Training mode, except a frozen encoder, whose batch-norm statistics must not move either."""
+    net.train()
+    if cfg["freeze_encoder"]:
+        net.encoder.eval()
+        net.bottleneck.eval()
+
+
+def train_step(net, opt, sched, x: torch.Tensor, y: torch.Tensor, autocast, device: str) -> float:
+    """One optimizer step on a batch; returns the loss."""
+    x, y = x.to(device), y.to(device)
+    with autocast:
+        logits = net(x.contiguous(memory_format=torch.channels_last) if device == "cpu" else x)
+    loss = dice_bce_loss(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice over the batch."""
     prob = torch.sigmoid(logits)
@@ -111,29 +190,107 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target) + (1 - soft_dice)
 
 
-def evaluate(model: LoadedModel, patients: list[IrcadbPatient], organ: str) -> dict[str, dict]:
-    """3D metrics per held-out patient, with and without postprocessing, on the original grid."""
+@torch.inference_mode()
+def validate(net, patients: list[PatientSlices], plan: Plan, device: str, batch: int = 32) -> dict:
+    """Loss, Dice and pixel accuracy over the test patients' whole slices on the model grid (no postprocessing)."""
+    net.eval()
+    autocast, _ = autocast_for(device)
+    inter = pred_sum = ref_sum = correct = total = 0.0
+    losses = []
+    for ps in patients:
+        n = ps.images.shape[0]
+        for start in range(0, n, batch):
+            idx = torch.arange(start, min(n, start + batch))
+            x = with_context(ps.images, idx, plan.context).float().to(device)
+            y = ps.labels[idx][:, None].float().to(device)
+            with autocast:
+                logits = net(x)
+            logits = logits.float()
+            losses.append(float(dice_bce_loss(logits, y)) * len(idx))
+            pred, ref = logits > 0, y >= 0.5
+            inter += float((pred & ref).sum())
+            pred_sum += float(pred.sum())
+            ref_sum += float(ref.sum())
+            correct += float((pred == ref).sum())
+            total += ref.numel()
+    count = sum(ps.images.shape[0] for ps in patients)
+    return {"loss": sum(losses) / count, "dice": 2 * inter / max(1.0, pred_sum + ref_sum), "accuracy": correct / total}
+
+
+def evaluate(model: LoadedModel, patients: list[IrcadbPatient], organ: str, device: str) -> dict[str, dict]:
+    """3D metrics per test patient on the original grid, after the product's postprocessing."""
     out = {}
     for patient in patients:
         ref = patient.mask(organ)
-        row = {}
-        for post in (False, True):
-            seg = segment(patient.ct, model, device="cpu", postprocess=post)
-            m = metrics.all_metrics(seg.mask.array, ref.array, ref.spacing_mm)
-            m["accuracy"] = float(np.mean(seg.mask.array == ref.array))
-            row["post" if post else "raw"] = m
-        out[patient.name] = row
+        seg = segment(patient.ct, model, device=device, postprocess=organ == "liver")
+        m = metrics.all_metrics(seg.mask.array, ref.array, ref.spacing_mm)
+        m["accuracy"] = float(np.mean(seg.mask.array == ref.array))
+        out[patient.name] = m
     return out
+
+
+# -- checkpoints (safetensors + JSON; nothing is pickled) -------------------------------------
+
+
+def save_checkpoint(path: Path, net, opt, sched, epoch: int, history: list, rng, gen) -> None:
+    """Model, optimizer moments, scheduler step, RNG states and history after ``epoch``."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{key}"] = value.detach().reshape(value.shape).contiguous()
+    tensors["rng.torch"] = gen.get_state()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path.with_suffix(".safetensors"))
+    meta = {
+        "epoch": epoch,
+        "scheduler": sched.state_dict(),
+        "history": history,
+        "rng_numpy": rng.bit_generator.state,
+    }
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def load_checkpoint(path: Path, net, opt, sched, rng, gen) -> tuple[int, list]:
+    """Restore what :func:`save_checkpoint` wrote; returns (last epoch, history)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt.state[params[int(i)]][name] = value
+    sched.load_state_dict(meta["scheduler"])
+    rng.bit_generator.state = meta["rng_numpy"]
+    gen.set_state(tensors["rng.torch"])
+    return meta["epoch"], meta["history"]
 
 
 def git_commit() -> str:
     """The current commit of this repository, or 'unknown'."""
     try:
-        return subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
         return "unknown"
+
+
+def state_digest(net) -> str:
+    """sha256 over all weights and buffers (to compare replicas)."""
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- the run ---------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,111 +298,146 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument(
-        "--data", type=Path, default=None, help="folder holding 3Dircadb1/ (default: LIVERSEG_DATA or ../shared/data)"
+        "--data", type=Path, default=None, help="folder holding 3Dircadb1/ (default: $LIVERSEG_DATA or ../shared/data)"
     )
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: training/runs/<name>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config, args.set)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg["device"])
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    rank = dist.get_rank() if world > 1 else 0
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     out = args.out or ROOT / "training" / "runs" / cfg["name"]
     out.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler()] + ([logging.FileHandler(out / "train.log")] if rank == 0 else [])
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(message)s",
-        handlers=[logging.StreamHandler(), logging.FileHandler(out / "train.log")],
+        level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s", handlers=handlers
     )
     torch.manual_seed(cfg["seed"])
-    rng = np.random.default_rng(cfg["seed"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    plan = Plan(multiple=2 ** cfg["depth"], **cfg["plan"])
+    rng = np.random.default_rng(cfg["seed"])  # same on every rank: the epoch's sample order
+    gen = torch.Generator().manual_seed(cfg["seed"] + rank)  # per rank: augmentation
+    plan = plan_of(cfg)
     data_root = (args.data or default_data_root()) / "3Dircadb1"
 
     t0 = time.perf_counter()
     train = [PatientSlices(IrcadbPatient(data_root / n), cfg["organ"], plan) for n in cfg["train_patients"]]
     test = [IrcadbPatient(data_root / n) for n in cfg["test_patients"]]
-    samples = [(p, k) for p, ps in enumerate(train) for k in range(ps.images.shape[0])]
-    if cfg["samples_fraction"] < 1:
-        keep = rng.permutation(len(samples))[: max(1, round(len(samples) * cfg["samples_fraction"]))]
-        samples = [samples[i] for i in sorted(keep)]
-    log.info("data: %d training slices from %s (%.1f s)", len(samples), cfg["train_patients"], time.perf_counter() - t0)
+    leaked = set(cfg["train_patients"]) & set(cfg["test_patients"])
+    if leaked:
+        raise SystemExit(f"patients {sorted(leaked)} are both in training and test; refusing to run")
+    test_slices = [PatientSlices(p, cfg["organ"], plan) for p in test] if cfg["validate"] and rank == 0 else []
+    samples = training_samples(train, cfg["samples_fraction"], cfg["subset_seed"])
+    log.info(
+        "%s: %d training slices of %s from %s, test %s, %d process(es) on %s (data %.1f s)",
+        cfg["name"],
+        len(samples),
+        cfg["organ"],
+        cfg["train_patients"],
+        cfg["test_patients"],
+        world,
+        device,
+        time.perf_counter() - t0,
+    )
 
-    net = UNet2D(plan.in_channels, 1, cfg["base"], cfg["depth"]).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    steps_per_epoch = max(1, len(samples) // cfg["batch_size"])
+    net = build_network(cfg, plan).to(device)
+    if device == "cpu":
+        net = net.to(memory_format=torch.channels_last)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    steps_per_epoch = max(1, len(samples) // (cfg["batch_size"] * world))
     total = steps_per_epoch * cfg["epochs"]
-    warm = steps_per_epoch * cfg["warmup_epochs"]
+    warm = max(1, steps_per_epoch * cfg["warmup_epochs"])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
     )
-    autocast, precision = autocast_for("cpu")
-    model = LoadedModel(net, plan, {"model_id": cfg["name"]}, out)
-    history = []
-    t_train = time.perf_counter()
-    for epoch in range(1, cfg["epochs"] + 1):
-        net.train()
+    ddp = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    autocast, precision = autocast_for(device)
+    checkpoint = out / "checkpoint"
+    start_epoch, history = 0, []
+    if args.resume and checkpoint.with_suffix(".json").exists():
+        start_epoch, history = load_checkpoint(checkpoint, net, opt, sched, rng, gen)
+        log.info("resumed after epoch %d", start_epoch)
+    t_train = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
+        set_train_mode(net, cfg)
         order = rng.permutation(len(samples))
+        mine = order[rank::world]
         losses = []
+        bar = ProgressBar() if rank == 0 and sys.stderr.isatty() else None
         for step in range(steps_per_epoch):
-            batch = [samples[i] for i in order[step * cfg["batch_size"] : (step + 1) * cfg["batch_size"]]]
-            xs, ys = [], []
-            for p, k in batch:
-                ps = train[p]
-                both = torch.cat([with_context(ps.images, torch.tensor([k]), plan.context)[0], ps.labels[k : k + 1]])
-                both = crop_or_pad(both, cfg["crop"], rng)
-                xs.append(both[:-1])
-                ys.append(both[-1:])
-            x, y = augment(torch.stack(xs).float(), torch.stack(ys).float(), cfg["augment"], gen)
-            with autocast:
-                logits = net(x.contiguous(memory_format=torch.channels_last))
-            loss = dice_bce_loss(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            batch = [samples[i] for i in mine[step * cfg["batch_size"] : (step + 1) * cfg["batch_size"]]]
+            x, y = augment(*make_batch(train, batch, plan, cfg["crop"], rng), cfg["augment"], gen)
+            losses.append(train_step(ddp, opt, sched, x, y, autocast, device))
+            if bar:
+                bar(f"epoch {epoch}", (step + 1) / steps_per_epoch)
+        if bar:
+            bar.close()
+        if world > 1:  # batch-norm statistics are per process; keep rank 0's everywhere, as it is saved
+            for buffer in net.buffers():
+                dist.broadcast(buffer, 0)
         row = {
             "epoch": epoch,
             "loss": float(np.mean(losses)),
             "lr": sched.get_last_lr()[0],
             "seconds": time.perf_counter() - t_train,
         }
-        if test and (epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]):
-            net.eval()
-            row["test"] = evaluate(model, test, cfg["organ"])
-            net.train()
+        if test_slices:
+            row["val"] = validate(net, test_slices, plan, device)
         history.append(row)
-        log.info(
-            "epoch %d loss %.4f %s",
-            epoch,
-            row["loss"],
-            {n: round(r["post"]["dice"], 4) for n, r in row.get("test", {}).items()},
-        )
-        (out / "history.json").write_text(json.dumps(history, indent=1))
+        if rank == 0:
+            log.info(
+                "epoch %d/%d loss %.4f %s %.0f s",
+                epoch,
+                cfg["epochs"],
+                row["loss"],
+                {k: round(v, 4) for k, v in row.get("val", {}).items()},
+                row["seconds"],
+            )
+            save_checkpoint(checkpoint, net, opt, sched, epoch, history, rng, gen)
+            (out / "history.json").write_text(json.dumps(history, indent=1))
 
-    net.eval()
-    final = history[-1].get("test", {})
-    provenance = {
-        "data": "3D-IRCADb-01, IRCAD France",
-        "organ": cfg["organ"],
-        "train_patients": cfg["train_patients"],
-        "test_patients": cfg["test_patients"],
-        "config": cfg,
-        "commit": git_commit(),
-        "precision": precision,
-        "train_seconds": round(time.perf_counter() - t_train, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "held_out_metrics": {n: r["post"] for n, r in final.items()},
-        "command": "python training/train.py "
-        + " ".join(
-            [
-                str(args.config.relative_to(ROOT) if args.config.is_absolute() else args.config),
-                *[f"--set {s}" for s in args.set],
-            ]
-        ),
-    }
-    model_id = f"{cfg['organ']}-unet2d-{cfg['name']}"
-    card = save_model(net, plan, out / "model", model_id=model_id, label=cfg["organ"], provenance=provenance)
-    log.info("saved %s (install it as the bundled model with: python training/export.py %s)", card, card)
+    if world > 1:
+        (out / f"rank{rank}.sha256").write_text(state_digest(net))
+        dist.barrier()
+    if rank == 0:
+        net.eval()
+        model = LoadedModel(net, plan, {"model_id": cfg["name"]}, out)
+        final = evaluate(model, test, cfg["organ"], device) if test else {}
+        for name, m in final.items():
+            log.info("%s 3D: %s", name, {k: round(v, 4) for k, v in m.items()})
+        provenance = {
+            "data": "3D-IRCADb-01, IRCAD France",
+            "organ": cfg["organ"],
+            "train_patients": cfg["train_patients"],
+            "test_patients": cfg["test_patients"],
+            "training_slices": len(samples),
+            "config": cfg,
+            "commit": git_commit(),
+            "precision": precision,
+            "processes": world,
+            "device": device,
+            "train_seconds": round(history[-1]["seconds"], 1),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "held_out_metrics": final,
+            "command": " ".join(["python training/train.py", str(args.config), *[f"--set '{s}'" for s in args.set]]),
+        }
+        card = save_model(
+            net,
+            plan,
+            out / "model",
+            model_id=f"{cfg['organ']}-unet2d-{cfg['name']}",
+            label=cfg["organ"],
+            provenance=provenance,
+        )
+        log.info("saved %s", card)
+    if world > 1:
+        dist.destroy_process_group()
     return 0
 
 

@@ -1,0 +1,147 @@
+"""Run the report's experiments leave-one-patient-out, retrain the best on every patient, write the report.
+
+    python training/experiments.py                 # everything: LOO runs, final model, RESULTS.md + plots
+    python training/experiments.py --stage loo     # only the leave-one-out runs (finished runs are skipped)
+    python training/experiments.py --stage final   # retrain the best liver experiment on all patients, bundle it
+    python training/report.py                      # only regenerate RESULTS.md and the plots
+
+Every patient folder found under <data>/3Dircadb1 is a fold: it is the test patient, the others
+train. Transfer runs start from the same fold's bone_pretrain model. Extra ``--set`` values are
+passed to every run (e.g. ``--set epochs=2`` for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "LiverSegUNet"))
+
+from LiverSegUNetLib.io.ircadb import default_data_root, is_ircadb_patient  # noqa: E402
+
+CONFIGS = ROOT / "training" / "configs"
+EXPERIMENTS = ["bone_pretrain", "liver_scratch", "liver_scratch_25", "liver_transfer_25", "liver_transfer_25_frozen"]
+TRANSFER = {"liver_transfer_25", "liver_transfer_25_frozen"}
+LIVER = [e for e in EXPERIMENTS if e.startswith("liver")]
+
+
+def find_patients(data: Path) -> list[str]:
+    """3D-IRCADb patient folder names, in patient-number order."""
+    folders = [p.name for p in (data / "3Dircadb1").iterdir() if is_ircadb_patient(p)]
+    return sorted(folders, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+
+
+def run(config: str, out: Path, data: Path, sets: list[str]) -> None:
+    """Train one configuration into ``out`` unless it already finished there (an interrupted run resumes)."""
+    if (out / "model.json").exists():
+        print(f"done already: {out.relative_to(ROOT)}", flush=True)
+        return
+    cmd = [
+        sys.executable,
+        str(ROOT / "training" / "train.py"),
+        str(CONFIGS / f"{config}.toml"),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
+    for s in sets:
+        cmd += ["--set", s]
+    if (out / "checkpoint.json").exists():
+        cmd.append("--resume")
+    print("running:", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def loo(data: Path, runs: Path, extra: list[str], only: list[str]) -> None:
+    """All experiments for every leave-one-patient-out fold."""
+    patients = find_patients(data)
+    for test in patients:
+        train = [p for p in patients if p != test]
+        split = [f"train_patients={json.dumps(train)}", f"test_patients={json.dumps([test])}"]
+        for exp in EXPERIMENTS:
+            if only and exp not in only:
+                continue
+            sets = split + extra
+            if exp in TRANSFER:
+                sets.append(f'init_from="{runs / test / "bone_pretrain" / "model.json"}"')
+            run(exp, runs / test / exp, data, sets)
+
+
+def best_liver_experiment(runs: Path) -> tuple[str, dict]:
+    """The liver experiment with the highest mean leave-one-out Dice, and its per-patient metrics."""
+    scores = {}
+    for exp in LIVER:
+        per_patient = {}
+        for card in sorted(runs.glob(f"*/{exp}/model.json")):
+            per_patient.update(json.loads(card.read_text())["provenance"]["held_out_metrics"])
+        if per_patient:
+            scores[exp] = per_patient
+    if not scores:
+        raise SystemExit(f"no finished leave-one-out runs under {runs}; run --stage loo first")
+    best = max(scores, key=lambda e: sum(m["dice"] for m in scores[e].values()) / len(scores[e]))
+    return best, scores[best]
+
+
+def final(data: Path, runs: Path, extra: list[str]) -> Path:
+    """Retrain the best liver experiment on every patient and install it as the bundled model."""
+    from LiverSegUNetLib.weights import DEFAULT_MODEL, load_model, save_model
+
+    best, loo_metrics = best_liver_experiment(runs)
+    patients = find_patients(data)
+    everyone = [f"train_patients={json.dumps(patients)}", "test_patients=[]", "validate=false"]
+    out = runs.parent / "final" / best
+    sets = everyone + extra
+    if best in TRANSFER:
+        run("bone_pretrain", runs.parent / "final" / "bone_pretrain", data, everyone + extra)
+        sets.append(f'init_from="{runs.parent / "final" / "bone_pretrain" / "model.json"}"')
+    run(best, out, data, sets)
+    model = load_model(out / "model.json")
+    provenance = {
+        **model.card["provenance"],
+        "chosen_as": f"best mean leave-one-out Dice among {LIVER}",
+        "leave_one_out_metrics": loo_metrics,
+        "command": "python training/experiments.py --stage final",
+    }
+    card = save_model(
+        model.network,
+        model.plan,
+        DEFAULT_MODEL,
+        model_id=f"liver-unet2d-{best}-all",
+        label="liver",
+        provenance=provenance,
+    )
+    print(f"installed {best} trained on {patients} as {card.relative_to(ROOT)}")
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["all", "loo", "final", "report"], default="all")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="folder holding 3Dircadb1/ (default: $LIVERSEG_DATA or ../shared/data)"
+    )
+    parser.add_argument("--runs", type=Path, default=ROOT / "training" / "runs" / "loo", help="where fold runs go")
+    parser.add_argument("--only", nargs="*", default=[], choices=EXPERIMENTS, help="restrict the LOO stage")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every run")
+    parser.add_argument("--results", type=Path, default=ROOT / "training" / "results", help="report folder")
+    args = parser.parse_args(argv)
+    data = (args.data or default_data_root()).resolve()
+    if args.stage in ("all", "loo"):
+        loo(data, args.runs, args.set, args.only)
+    if args.stage in ("all", "final"):
+        final(data, args.runs, args.set)
+    if args.stage in ("all", "report"):
+        from report import write_report
+
+        write_report(args.runs, args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
