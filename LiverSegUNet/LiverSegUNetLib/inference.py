@@ -95,32 +95,73 @@ def predict_canonical(
     model,
     device: str,
     batch_size: int = 16,
+    postprocess: bool = True,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    seconds: dict | None = None,
 ) -> np.ndarray:
-    """uint8 mask for a canonical ``[k, j, i]`` HU array, batch by batch (memory stays bounded)."""
+    """uint8 mask for a canonical ``[k, j, i]`` HU array.
+
+    The network runs batch by batch and its probabilities stay on the (smaller) model grid as
+    uint8; postprocessing runs there too, and only the final mask is built at full resolution,
+    again batch by batch, so memory beyond the input and output arrays stays small.
+    """
     import torch
+
+    from . import postprocess as post
 
     plan, net = model.plan, model.network
     grid = SliceGrid.for_slices(hu.shape[1:], spacing_ij_mm, plan)
     n, c = hu.shape[0], plan.context
-    out = np.zeros(hu.shape, dtype=np.uint8)
+    h, w = grid.size
+    low = np.empty((n, h, w), dtype=np.uint8)  # probability x 255 on the model grid
     autocast, _ = autocast_for(device)
     channels_last = torch.channels_last if device == "cpu" else torch.contiguous_format
+    seconds = {} if seconds is None else seconds
+
+    def check_cancel():
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+
+    t = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            if cancel is not None and cancel():
-                raise Cancelled("segmentation cancelled")
+            check_cancel()
             stop = min(n, start + batch_size)
             lo, hi = max(0, start - c), min(n, stop + c)
             stack = prepare_slices(torch.from_numpy(np.ascontiguousarray(hu[lo:hi])), grid, plan)
             x = with_context(stack, torch.arange(start - lo, stop - lo), c).to(device, memory_format=channels_last)
             with autocast:
                 logits = net(x)
-            prob = torch.sigmoid(logits.float()[:, 0]).cpu()
-            out[start:stop] = (from_model_grid(prob, grid) >= plan.threshold).numpy()
+            prob = torch.sigmoid(logits.float()[:, 0, :h, :w]).cpu()
+            low[start:stop] = (prob * 255).round().to(torch.uint8).numpy()
             if progress is not None:
                 progress("inference", stop / n)
+    seconds["inference"] = time.perf_counter() - t
+    check_cancel()
+    level = int(round(plan.threshold * 255))
+    if postprocess:
+        if progress is not None:
+            progress("postprocess", 0.0)
+        t = time.perf_counter()
+        raw = low >= level
+        kept = post.postprocess(raw).astype(bool)
+        low[~kept] = 0  # dropped components
+        low[kept & ~raw] = 255  # filled holes
+        seconds["postprocess"] = time.perf_counter() - t
+        if progress is not None:
+            progress("postprocess", 1.0)
+    t = time.perf_counter()
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            check_cancel()
+            stop = min(n, start + batch_size)
+            maps = torch.from_numpy(low[start:stop]).float() / 255
+            out[start:stop] = (from_model_grid(maps, grid) >= level / 255 - 1e-6).numpy()
+            if progress is not None:
+                progress("resample", stop / n)
+    seconds["resample"] = time.perf_counter() - t
     return out
 
 
@@ -135,7 +176,6 @@ def segment(
     cancel: Callable[[], bool] | None = None,
 ) -> Segmentation:
     """Segment the liver of a CT volume; the mask lies on exactly the input's grid."""
-    from . import postprocess as post
     from .weights import load_model
 
     check_ct(volume)
@@ -150,19 +190,7 @@ def segment(
     reorient = Reorientation(volume)
     canonical = reorient.forward(volume.array)
     spacing = reorient.spacing(volume)
-    t = time.perf_counter()
-    mask = predict_canonical(canonical, spacing[:2], model, device, batch_size, progress, cancel)
-    seconds["inference"] = time.perf_counter() - t
-    if cancel is not None and cancel():
-        raise Cancelled("segmentation cancelled")
-    if postprocess:
-        if progress is not None:
-            progress("postprocess", 0.0)
-        t = time.perf_counter()
-        mask = post.postprocess(mask)
-        seconds["postprocess"] = time.perf_counter() - t
-        if progress is not None:
-            progress("postprocess", 1.0)
+    mask = predict_canonical(canonical, spacing[:2], model, device, batch_size, postprocess, progress, cancel, seconds)
     result = np.ascontiguousarray(reorient.backward(mask))
     _, precision = autocast_for(device)
     return Segmentation(volume.with_array(result), model.model_id, device, precision, seconds)
