@@ -195,3 +195,19 @@ def test_parameter_node_defaults_and_saved_scene(scene, tmp_path):
     restored = LiverSegUNetLogic().getParameterNode()
     assert restored.GetParameter("Device") == "cpu" and restored.GetParameter("Postprocess") == "false"
     assert restored.GetNodeReference("InputVolume").GetName() == "first"
+
+
+def test_deleting_the_input_or_closing_the_scene_during_a_run_ends_cleanly(scene, ct):
+    volume, _ = ct
+    logic = LiverSegUNetLogic()
+    node = add_volume(volume.array, volume.ijk_to_lps())
+    seg = logic.newSegmentationNode(node)
+    job = logic.startJob(node, seg, device="cpu")
+    slicer.mrmlScene.RemoveNode(node)
+    assert logic.finishJob(job) is None
+    assert seg.GetSegmentation().GetNumberOfSegments() == 0
+    node = add_volume(volume.array, volume.ijk_to_lps())
+    seg = logic.newSegmentationNode(node)
+    job = logic.startJob(node, seg, device="cpu")
+    slicer.mrmlScene.Clear()
+    assert logic.finishJob(job) is None

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,10 @@ from . import __version__
 from .errors import Cancelled, InputError, LiverSegError, WeightsError
 
 EXIT_INPUT, EXIT_WEIGHTS, EXIT_CANCELLED = 2, 3, 130
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: staged files are removed, finished cases stay
 
 
 class ProgressBar:
@@ -36,40 +41,68 @@ class ProgressBar:
 
 def _segment(args: argparse.Namespace) -> int:
     from .inference import resolve_device
-    from .pipeline import segment_file
+    from .pipeline import segment_batch
     from .weights import load_model
 
     device = resolve_device(args.device)
     t = time.perf_counter()
     model = load_model(args.model, device=device)
     load_s = time.perf_counter() - t
+    options = dict(
+        model=model,
+        formats=tuple(args.format.split(",")),
+        device=device,
+        postprocess=not args.no_postprocess,
+        series_uid=args.series_uid,
+        preview=not args.no_preview,
+        batch_size=args.batch_size,
+        allow_non_ct=args.allow_non_ct,
+    )
+    single = len(args.input) == 1 and not (args.input[0].is_dir() and _is_study_folder(args.input[0]))
     bar = None if args.quiet else ProgressBar()
-    try:
-        summary = segment_file(
-            args.input,
-            args.output,
-            model=model,
-            formats=tuple(args.format.split(",")),
-            device=device,
-            postprocess=not args.no_postprocess,
-            series_uid=args.series_uid,
-            preview=not args.no_preview,
-            batch_size=args.batch_size,
-            progress=bar,
-        )
-    finally:
+
+    def report(row: dict) -> None:
         if bar:
             bar.close()
-    s = summary["seconds"]
-    print(
-        f"{summary['case']}: liver {summary['liver_volume_ml']:.1f} ml in {summary['slices']} slices; "
-        f"{s['total']:.1f} s (read {s['read']:.1f}, model {s['inference']:.1f}, "
-        f"post {s.get('postprocess', 0):.1f}, write {s['write']:.1f}; model load {load_s:.1f}) "
-        f"on {summary['device']} {summary['precision']}"
+        if row["status"] == "failed":
+            print(f"liverseg: {'error' if single else row['case'] + ': failed'}: {row['reason']}", file=sys.stderr)
+        elif not single:
+            ml = f"liver {row['liver_volume_ml']:.1f} ml" if row["liver_volume_ml"] is not None else ""
+            print(f"{row['case']}: {row['status']} {ml} {row['reason']}".rstrip())
+
+    rows = segment_batch(
+        args.input,
+        args.output,
+        overwrite=args.overwrite,
+        on_case=report,
+        write_summary=not single,
+        **options,
+        progress=bar,
     )
-    for kind, name in summary["outputs"].items():
-        print(f"  {kind:<9} {Path(args.output) / name}")
-    return 0
+    if single and rows[0]["status"] == "ok":
+        summary = json.loads((Path(args.output) / f"{rows[0]['case']}.summary.json").read_text())
+        s = summary["seconds"]
+        print(
+            f"{summary['case']}: liver {summary['liver_volume_ml']:.1f} ml in {summary['slices']} slices; "
+            f"{s['total']:.1f} s (read {s['read']:.1f}, model {s['inference']:.1f}, "
+            f"post {s.get('postprocess', 0):.1f}, write {s['write']:.1f}; model load {load_s:.1f}) "
+            f"on {summary['device']} {summary['precision']}"
+        )
+        for kind, name in summary["outputs"].items():
+            print(f"  {kind:<9} {Path(args.output) / name}")
+    elif not single:
+        counts = {k: sum(r["status"] == k for r in rows) for k in ("ok", "skipped", "failed")}
+        print(
+            f"{len(rows)} cases: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
+            f"table in {Path(args.output) / 'batch_summary.json'}"
+        )
+    return EXIT_INPUT if any(r["status"] == "failed" for r in rows) else 0
+
+
+def _is_study_folder(path: Path) -> bool:
+    from .pipeline import expand_inputs
+
+    return expand_inputs([path]) != [path]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -163,7 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(zipped or not), or a .nrrd/.nii/.nii.gz file. Writes <case>.seg.nrrd (and/or "
         "<case>.nii.gz), <case>.preview.png and <case>.summary.json into OUTPUT.",
     )
-    seg.add_argument("input", type=Path, help="CT: DICOM folder, 3D-IRCADb patient folder, or NRRD/NIfTI file")
+    seg.add_argument(
+        "input",
+        type=Path,
+        nargs="+",
+        help="CT(s): DICOM folder, 3D-IRCADb patient folder, NRRD/NIfTI file, or a folder of such studies",
+    )
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
     seg.add_argument("--format", default="seg.nrrd", help="comma-separated: seg.nrrd, nifti (default: seg.nrrd)")
     seg.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda (default: auto)")
@@ -172,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-preview", action="store_true", help="do not write the PNG preview")
     seg.add_argument("--model", type=Path, help="model card (.json) to use instead of the bundled model")
     seg.add_argument("--batch-size", type=int, default=16, help="slices per network batch (default: 16)")
+    seg.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    seg.add_argument("--allow-non-ct", action="store_true", help="run on DICOM series whose modality is not CT")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=_segment)
 
@@ -228,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``liverseg``; returns the exit code (0 ok, 2 bad input, 3 bad model, 130 cancelled)."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -240,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"liverseg: model error: {exc}", file=sys.stderr)
         return EXIT_WEIGHTS
     except (Cancelled, KeyboardInterrupt):
-        print("liverseg: cancelled; no output written for the unfinished case", file=sys.stderr)
+        print(
+            "liverseg: interrupted; finished cases are kept, the unfinished one left no file "
+            "(run the same command again to continue)",
+            file=sys.stderr,
+        )
         return EXIT_CANCELLED
     except LiverSegError as exc:
         print(f"liverseg: error: {exc}", file=sys.stderr)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError
+from .errors import Cancelled, InputError, LiverSegError
 from .inference import Progress, segment
-from .io import case_name, read_volume
+from .io import case_name, is_ircadb_patient, read_volume
+from .io.images import is_image_file
 from .io.segnrrd import write_nifti, write_seg_nrrd
-from .outputs import write_all
+from .outputs import atomic_write_bytes, write_all
 from .preview import preview_image, write_png
 from .terminology import LIVER
 
@@ -50,13 +52,14 @@ def segment_file(
     batch_size: int = 16,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    allow_non_ct: bool = False,
 ) -> dict:
     """Segment one CT and write its outputs together (all or none); returns the summary dict."""
     t_start = time.perf_counter()
     paths = output_paths(input_path, out_dir, list(formats), preview)
     if progress:
         progress("read", 0.0)
-    ct = read_volume(input_path, series_uid)
+    ct = read_volume(input_path, series_uid, allow_non_ct)
     t_read = time.perf_counter() - t_start
     result = segment(
         ct, model, device=device, postprocess=postprocess, batch_size=batch_size, progress=progress, cancel=cancel
@@ -99,3 +102,106 @@ def segment_file(
     if progress:
         progress("write", 1.0)
     return summary
+
+
+log = logging.getLogger(__name__)
+
+
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The cases named by ``paths``: a folder holding only study folders/images stands for each of them."""
+    cases = []
+    for path in map(Path, paths):
+        if path.is_dir() and not is_ircadb_patient(path):
+            entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+            if entries and not any(p.is_file() and not is_image_file(p) for p in entries):
+                cases += [p for p in entries if p.is_dir() or is_image_file(p)]
+                continue
+        cases.append(path)
+    return cases
+
+
+def finished_summary(
+    input_path: str | os.PathLike, out_dir: str | os.PathLike, formats: list[str], preview: bool = True
+) -> dict | None:
+    """The summary of an earlier complete run of this case with these outputs, or None."""
+    paths = output_paths(input_path, out_dir, formats, preview)
+    try:
+        summary = json.loads(paths["summary"].read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = {k: p.name for k, p in paths.items()}
+    if summary.get("outputs") != wanted or not all(p.is_file() and p.stat().st_size > 0 for p in paths.values()):
+        return None
+    return summary
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def segment_batch(
+    inputs: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    on_case: Callable[[dict], None] | None = None,
+    write_summary: bool = True,
+    **options,
+) -> list[dict]:
+    """Segment every case independently: a failing case is recorded and skipped, finished ones are kept.
+
+    Cases whose outputs already exist complete are skipped unless ``overwrite``. With
+    ``write_summary``, writes ``batch_summary.json`` into ``out_dir`` (also when interrupted).
+    Returns one row per case.
+    """
+    formats, preview = list(options.get("formats", ("seg.nrrd",))), options.get("preview", True)
+    rows: list[dict] = []
+    seen: dict[str, Path] = {}
+    try:
+        for path in expand_inputs(inputs):
+            name = case_name(path)
+            row = {
+                "case": name,
+                "input": str(path),
+                "status": "failed",
+                "reason": "",
+                "liver_volume_ml": None,
+                "seconds": None,
+            }
+            t = time.perf_counter()
+            try:
+                if name in seen:
+                    raise InputError(f"same case name as {seen[name]}; rename one so their outputs do not collide")
+                seen[name] = path
+                done = None if overwrite else finished_summary(path, out_dir, formats, preview)
+                if done is not None:
+                    row.update(
+                        status="skipped",
+                        reason="outputs exist (use --overwrite to redo)",
+                        liver_volume_ml=done["liver_volume_ml"],
+                    )
+                else:
+                    summary = segment_file(path, out_dir, **options)
+                    row.update(status="ok", liver_volume_ml=summary["liver_volume_ml"])
+            except (KeyboardInterrupt, Cancelled):
+                row["reason"] = "interrupted"
+                rows.append(row)
+                raise
+            except LiverSegError as exc:
+                row["reason"] = str(exc)
+            except Exception as exc:  # one bad study must not end the batch; the log keeps the traceback
+                log.debug("case %s failed", name, exc_info=True)
+                row["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            row["seconds"] = round(time.perf_counter() - t, 2)
+            row["rss_mb"] = round(_rss_mb(), 1)
+            rows.append(row)
+            if on_case:
+                on_case(row)
+    finally:
+        if write_summary:
+            atomic_write_bytes(Path(out_dir) / "batch_summary.json", (json.dumps(rows, indent=1) + "\n").encode())
+    return rows

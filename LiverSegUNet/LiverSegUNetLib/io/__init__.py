@@ -12,15 +12,18 @@ from .images import is_image_file, read_image
 from .ircadb import IrcadbPatient, is_ircadb_patient
 
 
-def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volume:
-    """Read a CT from a DICOM folder, a 3D-IRCADb patient folder, or an NRRD/NIfTI file."""
+def read_volume(path: str | os.PathLike, series_uid: str | None = None, allow_non_ct: bool = False) -> Volume:
+    """Read a CT from a DICOM folder, a 3D-IRCADb patient folder, or an NRRD/NIfTI file.
+
+    DICOM series of another modality (MR, PET, ...) are refused unless ``allow_non_ct``.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         if is_ircadb_patient(path):
             return IrcadbPatient(path).ct
-        return read_dicom_folder(path, series_uid)
+        return read_dicom_folder(path, series_uid, allow_non_ct)
     if is_image_file(path):
         return read_image(path)
     raise InputError(

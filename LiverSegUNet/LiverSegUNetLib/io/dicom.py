@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..limits import check_volume_size
 from ..volume import Volume
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,10 @@ def _read_header(src: DicomSource):
     try:
         with src.open() as fh:
             return pydicom.dcmread(fh, stop_before_pixels=True)
-    except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        log.debug("skipping %s: not DICOM (%s)", src.name, exc)
+    except InputError:
+        raise
+    except Exception as exc:  # pydicom raises many types on damaged files; such a file is not a usable slice
+        log.debug("skipping %s: not DICOM (%s: %s)", src.name, type(exc).__name__, exc)
         return None
 
 
@@ -91,26 +94,37 @@ def _describe(uid: str, items: list) -> str:
 
 
 def _slice_of(src: DicomSource, ds) -> _Slice:
+    try:
+        return _parse_slice(src, ds)
+    except InputError:
+        raise
+    except Exception as exc:  # malformed values of any kind
+        raise InputError(f"{src.name}: malformed DICOM header ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse_slice(src: DicomSource, ds) -> _Slice:
     for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
         if tag not in ds:
             raise InputError(f"{src.name}: DICOM tag {tag} is missing; cannot place the slice in space")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise InputError(
             f"{src.name}: {ds.SamplesPerPixel} samples per pixel (colour image); a CT series is single-channel"
         )
-    try:
-        spacing = tuple(float(v) for v in ds.PixelSpacing)
-        position = np.array([float(v) for v in ds.ImagePositionPatient])
-        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{src.name}: malformed geometry or rescale tag ({exc})") from exc
-    if len(spacing) != 2 or min(spacing) <= 0 or not np.all(np.isfinite(spacing)):
+    spacing = tuple(float(v) for v in ds.PixelSpacing)
+    position = np.array([float(v) for v in ds.ImagePositionPatient])
+    orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if len(spacing) != 2 or not np.all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise InputError(f"{src.name}: PixelSpacing {spacing} is not two positive numbers")
     if position.shape != (3,) or orientation.shape != (6,) or not np.all(np.isfinite(np.r_[position, orientation])):
         raise InputError(f"{src.name}: ImagePositionPatient/ImageOrientationPatient are malformed")
-    return _Slice(src, position, orientation, int(ds.Rows), int(ds.Columns), spacing, slope, intercept)
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise InputError(f"{src.name}: RescaleSlope/RescaleIntercept ({slope}, {intercept}) are not usable")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if rows < 1 or columns < 1:
+        raise InputError(f"{src.name}: image size {rows}x{columns} is empty")
+    return _Slice(src, position, orientation, rows, columns, spacing, slope, intercept)
 
 
 def _pixels(slc: _Slice) -> np.ndarray:
@@ -127,7 +141,9 @@ def _pixels(slc: _Slice) -> np.ndarray:
     return pixels
 
 
-def read_series(sources: Iterable[DicomSource], series_uid: str | None = None, what: str = "input") -> Volume:
+def read_series(
+    sources: Iterable[DicomSource], series_uid: str | None = None, what: str = "input", allow_non_ct: bool = True
+) -> Volume:
     """Read one series, slices sorted along the slice normal, into a Volume of Hounsfield units.
 
     ``series_uid`` picks a series when several are present; without it, more than one series is
@@ -146,6 +162,12 @@ def read_series(sources: Iterable[DicomSource], series_uid: str | None = None, w
         raise InputError(f"{what}: {len(series)} series found, choose one with --series-uid: {listing}")
     else:
         ((series_uid, items),) = series.items()
+    modality = str(items[0][1].get("Modality", "") or "")
+    if not allow_non_ct and modality not in ("CT", ""):
+        raise InputError(
+            f"{what}: series modality is {modality}, not CT; this model segments CT in Hounsfield units "
+            "(use --allow-non-ct to run it anyway)"
+        )
     return _assemble([_slice_of(src, ds) for src, ds in items], what, items[0][1])
 
 
@@ -186,6 +208,7 @@ def _assemble(slices: list[_Slice], what: str, first_header) -> Volume:
             "series with constant spacing"
         )
     integral = all(s.slope == 1 and s.intercept == round(s.intercept) for s in slices)
+    check_volume_size((len(slices), slices[0].rows, slices[0].columns), 2 if integral else 4, what)
     out = np.empty((len(slices), *shapes.pop()), dtype=np.int16 if integral else np.float32)
     for k, s in enumerate(slices):
         px = _pixels(s)
@@ -204,9 +227,9 @@ def _assemble(slices: list[_Slice], what: str, first_header) -> Volume:
     return Volume(out, spacing, tuple(slices[0].position), direction, meta)
 
 
-def read_dicom_folder(folder: str | os.PathLike, series_uid: str | None = None) -> Volume:
+def read_dicom_folder(folder: str | os.PathLike, series_uid: str | None = None, allow_non_ct: bool = True) -> Volume:
     """Read the CT series in a folder of DICOM files (any file names, any order)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
-    return read_series(sources_in_folder(folder), series_uid, what=str(folder))
+    return read_series(sources_in_folder(folder), series_uid, what=str(folder), allow_non_ct=allow_non_ct)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..limits import check_volume_size
 from ..volume import Volume
 
 #: File name endings read with SimpleITK.
@@ -50,7 +51,12 @@ def read_image(path: str | os.PathLike) -> Volume:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        image = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        bytes_per_voxel = max(1, min(8, reader.GetNumberOfComponents() * 4))
+        check_volume_size(reader.GetSize()[::-1], bytes_per_voxel, str(path))
+        image = reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         raise InputError(f"{path}: not a readable image file ({first.strip()})") from exc
