@@ -192,9 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser(
         "segment",
         help="segment the liver of one CT",
-        description="Segment the liver of a CT: a DICOM series folder, a 3D-IRCADb patient folder "
-        "(zipped or not), or a .nrrd/.nii/.nii.gz file. Writes <case>.seg.nrrd (and/or "
-        "<case>.nii.gz), <case>.preview.png and <case>.summary.json into OUTPUT.",
+        description="Segment the liver of one or many CTs: DICOM series folders, 3D-IRCADb patient folders "
+        "(zipped or not), .nrrd/.nii/.nii.gz files, or folders of such studies. Writes <case>.seg.nrrd (and/or "
+        "<case>.nii.gz), <case>.preview.png and <case>.summary.json into OUTPUT. With several cases each is "
+        "processed on its own: a failing one is reported and skipped, cases already done are skipped "
+        "(--overwrite redoes them), and OUTPUT/batch_summary.json lists them all. Exit code: 0 all done, "
+        "2 some input failed, 3 model file bad, 130 interrupted (rerun to continue).",
     )
     seg.add_argument(
         "input",

@@ -119,8 +119,8 @@ def _parse_slice(src: DicomSource, ds) -> _Slice:
         raise InputError(f"{src.name}: PixelSpacing {spacing} is not two positive numbers")
     if position.shape != (3,) or orientation.shape != (6,) or not np.all(np.isfinite(np.r_[position, orientation])):
         raise InputError(f"{src.name}: ImagePositionPatient/ImageOrientationPatient are malformed")
-    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
-        raise InputError(f"{src.name}: RescaleSlope/RescaleIntercept ({slope}, {intercept}) are not usable")
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0 or abs(slope) > 1e4 or abs(intercept) > 1e5:
+        raise InputError(f"{src.name}: RescaleSlope/RescaleIntercept ({slope}, {intercept}) are not plausible for CT")
     rows, columns = int(ds.Rows), int(ds.Columns)
     if rows < 1 or columns < 1:
         raise InputError(f"{src.name}: image size {rows}x{columns} is empty")
