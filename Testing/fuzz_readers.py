@@ -158,12 +158,12 @@ MEMBER_NAMES = st.lists(
 )
 
 
-def properties(max_examples: int):
-    """The three fuzz properties, each run for ``max_examples`` cases."""
+def properties(max_examples: int, derandomize: bool = False):
+    """The three fuzz properties, each run for ``max_examples`` cases (a fixed set when ``derandomize``)."""
     common = settings(
         max_examples=max_examples,
         deadline=None,
-        derandomize=False,
+        derandomize=derandomize,
         database=None,
         suppress_health_check=list(HealthCheck),
     )

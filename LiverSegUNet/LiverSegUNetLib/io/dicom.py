@@ -57,7 +57,10 @@ def _read_header(src: DicomSource):
 
     try:
         with src.open() as fh:
-            return pydicom.dcmread(fh, stop_before_pixels=True)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        for _ in ds:  # decode every element now, so a damaged one shows here and not on first use
+            pass
+        return ds
     except InputError:
         raise
     except Exception as exc:  # pydicom raises many types on damaged files; such a file is not a usable slice
