@@ -468,7 +468,7 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
 class LiverSegUNetTest(ScriptedLoadableModuleTest):
     """Segments a real 3D-IRCADb patient loaded as a volume node and checks the result against the expert mask."""
 
-    HELD_OUT = "3Dircadb1.17"
+    PATIENT = "3Dircadb1.17"
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -480,10 +480,10 @@ class LiverSegUNetTest(ScriptedLoadableModuleTest):
     def _patient(self):
         from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
 
-        folder = default_data_root() / "3Dircadb1" / self.HELD_OUT
+        folder = default_data_root() / "3Dircadb1" / self.PATIENT
         if not folder.is_dir():
             message = (
-                f"3D-IRCADb-01 patient {self.HELD_OUT} not found at {folder}: download 3D-IRCADb-01 from IRCAD "
+                f"3D-IRCADb-01 patient {self.PATIENT} not found at {folder}: download 3D-IRCADb-01 from IRCAD "
                 "and set LIVERSEG_DATA to the folder holding 3Dircadb1/"
             )
             if os.environ.get("CI", "").lower() == "true":

@@ -19,7 +19,10 @@ GET_DATA = (
     "and place the patient folders (3Dircadb1.1, ...) under <data>/3Dircadb1/, or point LIVERSEG_DATA at <data>."
 )
 PATIENTS = ("3Dircadb1.1", "3Dircadb1.7", "3Dircadb1.17")
-HELD_OUT = "3Dircadb1.17"  # never seen by the bundled model in training
+# The bundled model is trained on all three shared patients (training/results/RESULTS.md gives its
+# leave-one-out numbers), so end-to-end checks on this patient guard the pipeline (reading,
+# geometry, writing), not generalisation to unseen patients.
+TEST_PATIENT = "3Dircadb1.17"
 
 
 @pytest.fixture(scope="session")

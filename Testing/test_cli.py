@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HELD_OUT
+from conftest import TEST_PATIENT
 from dicom_factory import write_series
 from LiverSegUNetLib.cli import main
 from LiverSegUNetLib.io.segnrrd import read_mask, read_seg_nrrd
@@ -20,32 +20,32 @@ from LiverSegUNetLib.weights import DEFAULT_MODEL
 LIVERSEG = str(Path(sys.executable).with_name("liverseg"))
 
 
-def test_segment_held_out_patient_end_to_end(patient, ircadb_root, tmp_path):
+def test_segment_real_patient_end_to_end(patient, ircadb_root, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [LIVERSEG, "segment", str(ircadb_root / HELD_OUT), "-o", str(out), "--format", "seg.nrrd,nifti"],
+        [LIVERSEG, "segment", str(ircadb_root / TEST_PATIENT), "-o", str(out), "--format", "seg.nrrd,nifti"],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"{HELD_OUT}{s}" for s in (".seg.nrrd", ".nii.gz", ".summary.json", ".preview.png"))
-    expert = patient(HELD_OUT).mask("liver")
-    seg, (segment,) = read_seg_nrrd(out / f"{HELD_OUT}.seg.nrrd")
+    assert names == sorted(f"{TEST_PATIENT}{s}" for s in (".seg.nrrd", ".nii.gz", ".summary.json", ".preview.png"))
+    expert = patient(TEST_PATIENT).mask("liver")
+    seg, (segment,) = read_seg_nrrd(out / f"{TEST_PATIENT}.seg.nrrd")
     assert seg.same_grid(expert, tol_mm=1e-3) and segment["Name"] == "Liver"
     score = dice(seg.array > 0, expert.array)
     assert score >= 0.85, score
-    np.testing.assert_array_equal(read_mask(out / f"{HELD_OUT}.nii.gz").array, seg.array)
-    summary = json.loads((out / f"{HELD_OUT}.summary.json").read_text())
+    np.testing.assert_array_equal(read_mask(out / f"{TEST_PATIENT}.nii.gz").array, seg.array)
+    summary = json.loads((out / f"{TEST_PATIENT}.summary.json").read_text())
     assert summary["liver_volume_ml"] == pytest.approx(seg.array.sum() * seg.voxel_volume_ml, abs=0.1)
     assert summary["slices"] == 119 and {"read", "inference", "postprocess", "write", "total"} <= set(
         summary["seconds"]
     )
-    assert f"{HELD_OUT}: liver" in proc.stdout
+    assert f"{TEST_PATIENT}: liver" in proc.stdout
     # evaluate prints the same Dice
     ev = subprocess.run(
-        [LIVERSEG, "evaluate", str(out / f"{HELD_OUT}.seg.nrrd"), str(ircadb_root / HELD_OUT), "--json"],
+        [LIVERSEG, "evaluate", str(out / f"{TEST_PATIENT}.seg.nrrd"), str(ircadb_root / TEST_PATIENT), "--json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -100,7 +100,9 @@ def test_corrupted_weights_exit_code_and_nothing_written(patient, ircadb_root, t
     data[1000] ^= 0x10
     (tmp_path / card["weights_file"]).write_bytes(bytes(data))
     out = tmp_path / "out"
-    code = main(["segment", str(ircadb_root / HELD_OUT), "-o", str(out), "--model", str(tmp_path / DEFAULT_MODEL.name)])
+    code = main(
+        ["segment", str(ircadb_root / TEST_PATIENT), "-o", str(out), "--model", str(tmp_path / DEFAULT_MODEL.name)]
+    )
     assert code == 3
     assert "checksum mismatch" in capsys.readouterr().err
     assert not out.exists()
@@ -113,7 +115,7 @@ def test_cancel_leaves_no_file(patient, ircadb_root, tmp_path, monkeypatch):
     calls = []
     with pytest.raises(Cancelled):
         pipeline.segment_file(
-            ircadb_root / HELD_OUT,
+            ircadb_root / TEST_PATIENT,
             tmp_path,
             device="cpu",
             cancel=lambda: len(calls) > 0,
@@ -123,8 +125,8 @@ def test_cancel_leaves_no_file(patient, ircadb_root, tmp_path, monkeypatch):
 
 
 def test_unknown_format_and_device(ircadb_root, tmp_path, capsys):
-    assert main(["segment", str(ircadb_root / HELD_OUT), "-o", str(tmp_path), "--format", "stl"]) == 2
+    assert main(["segment", str(ircadb_root / TEST_PATIENT), "-o", str(tmp_path), "--format", "stl"]) == 2
     assert "unknown output format" in capsys.readouterr().err
-    assert main(["segment", str(ircadb_root / HELD_OUT), "-o", str(tmp_path), "--device", "tpu"]) == 2
+    assert main(["segment", str(ircadb_root / TEST_PATIENT), "-o", str(tmp_path), "--device", "tpu"]) == 2
     assert "unknown device" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

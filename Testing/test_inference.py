@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import HELD_OUT
+from conftest import TEST_PATIENT
 from LiverSegUNetLib import metrics
 from LiverSegUNetLib.errors import Cancelled, InputError
 from LiverSegUNetLib.inference import segment
@@ -47,7 +47,7 @@ def _crop(vol: Volume, k0: int, k1: int) -> Volume:
 
 
 def test_cancel_and_progress(patient, bundled_model):
-    ct = _crop(patient(HELD_OUT).ct, 40, 80)
+    ct = _crop(patient(TEST_PATIENT).ct, 40, 80)
     seen = []
     with pytest.raises(Cancelled):
         segment(
@@ -85,7 +85,7 @@ def _transform(vol: Volume, perm: tuple[int, int, int], flips: tuple[bool, bool,
 
 
 def test_orientation_does_not_change_the_physical_result(patient, bundled_model):
-    ct = _crop(patient(HELD_OUT).ct, 30, 90)
+    ct = _crop(patient(TEST_PATIENT).ct, 30, 90)
     ref = segment(ct, bundled_model, device="cpu").mask
     assert ref.array.sum() > 10_000
     for perm, flips in [

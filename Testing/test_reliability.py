@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HELD_OUT
+from conftest import TEST_PATIENT
 from dicom_factory import write_series
 from fuzz_readers import properties
 from LiverSegUNetLib.errors import InputError
@@ -93,7 +93,7 @@ def test_batch_skips_bad_studies_and_resumes(tmp_path):
 def test_sigterm_mid_study_keeps_finished_and_leaves_no_partial_file(ircadb_root, tmp_path):
     small = _studies(tmp_path / "in", good=1, bad=False) / "study00"
     out = tmp_path / "out"
-    cmd = [LIVERSEG, "segment", str(small), str(ircadb_root / HELD_OUT), "-o", str(out), "-q"]
+    cmd = [LIVERSEG, "segment", str(small), str(ircadb_root / TEST_PATIENT), "-o", str(out), "-q"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "study00.summary.json").exists() and time.time() < deadline:
@@ -103,13 +103,13 @@ def test_sigterm_mid_study_keeps_finished_and_leaves_no_partial_file(ircadb_root
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     names = sorted(p.name for p in out.iterdir())
-    assert "study00.seg.nrrd" in names and not any(n.startswith(HELD_OUT) or n.startswith(".") for n in names)
+    assert "study00.seg.nrrd" in names and not any(n.startswith(TEST_PATIENT) or n.startswith(".") for n in names)
     rows = json.loads((out / "batch_summary.json").read_text())
     assert [r["status"] for r in rows] == ["ok", "failed"] and rows[1]["reason"] == "interrupted"
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     rows = {r["case"]: r["status"] for r in json.loads((out / "batch_summary.json").read_text())}
-    assert rows == {"study00": "skipped", HELD_OUT: "ok"}
+    assert rows == {"study00": "skipped", TEST_PATIENT: "ok"}
 
 
 def test_batch_memory_does_not_grow(tmp_path):
@@ -179,3 +179,17 @@ def test_tampered_bundled_card_is_refused(tmp_path):
     (tmp_path / DEFAULT_MODEL.name).write_text(json.dumps(card))
     with pytest.raises(WeightsError, match="do not match"):
         load_model(tmp_path / DEFAULT_MODEL.name)
+
+
+@pytest.mark.parametrize(
+    "edits, flips",
+    [
+        ({"RescaleIntercept": 1e30}, []),  # overflowed the integer HU path
+        ({"Modality": "MR", "ImagePositionPatient": [1e-30, 1e-30], "PixelData": b""}, [(0.677734375, 0)]),
+    ],
+    ids=["huge-intercept", "undecodable-tag"],
+)
+def test_fuzzer_findings_stay_fixed(edits, flips):
+    from fuzz_readers import check_dicom
+
+    check_dicom(edits, [0], None, flips)

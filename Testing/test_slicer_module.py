@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import HELD_OUT
+from conftest import TEST_PATIENT
 
 slicer = pytest.importorskip("slicer")
 import headless  # noqa: E402
@@ -25,12 +25,12 @@ class TestModuleSelfTest(LiverSegUNet.LiverSegUNetTest):
 @pytest.fixture(scope="module")
 def ct(patient):
     """The held-out patient, cropped to 48 slices through the liver to keep the suite fast."""
-    full = patient(HELD_OUT).ct
+    full = patient(TEST_PATIENT).ct
     k0, k1 = 40, 88
     origin = full.ijk_to_lps() @ np.array([0, 0, k0, 1.0])
     from LiverSegUNetLib.volume import Volume
 
-    return Volume(full.array[k0:k1].copy(), full.spacing_mm, origin[:3], full.direction), patient(HELD_OUT).mask(
+    return Volume(full.array[k0:k1].copy(), full.spacing_mm, origin[:3], full.direction), patient(TEST_PATIENT).mask(
         "liver"
     ).array[k0:k1]
 

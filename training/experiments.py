@@ -30,6 +30,17 @@ TRANSFER = {"liver_transfer_25", "liver_transfer_25_frozen"}
 LIVER = [e for e in EXPERIMENTS if e.startswith("liver")]
 
 
+def portable(value):
+    """``value`` with this checkout's absolute path removed from every string (paths relative to the repo)."""
+    if isinstance(value, str):
+        return value.replace(str(ROOT) + "/", "")
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    return value
+
+
 def find_patients(data: Path) -> list[str]:
     """3D-IRCADb patient folder names, in patient-number order."""
     folders = [p.name for p in (data / "3Dircadb1").iterdir() if is_ircadb_patient(p)]
@@ -69,7 +80,7 @@ def loo(data: Path, runs: Path, extra: list[str], only: list[str]) -> None:
                 continue
             sets = split + extra
             if exp in TRANSFER:
-                sets.append(f'init_from="{runs / test / "bone_pretrain" / "model.json"}"')
+                sets.append(f'init_from="{portable(str(runs / test / "bone_pretrain" / "model.json"))}"')
             run(exp, runs / test / exp, data, sets)
 
 
@@ -99,7 +110,7 @@ def final(data: Path, runs: Path, extra: list[str]) -> Path:
     sets = everyone + extra
     if best in TRANSFER:
         run("bone_pretrain", runs.parent / "final" / "bone_pretrain", data, everyone + extra)
-        sets.append(f'init_from="{runs.parent / "final" / "bone_pretrain" / "model.json"}"')
+        sets.append(f'init_from="{portable(str(runs.parent / "final" / "bone_pretrain" / "model.json"))}"')
     run(best, out, data, sets)
     model = load_model(out / "model.json")
     provenance = {

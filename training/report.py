@@ -15,6 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+
+from experiments import portable  # noqa: E402
+
 METRICS = [
     ("dice", "Dice", "{:.3f}"),
     ("voe", "VOE", "{:.3f}"),
@@ -160,7 +164,7 @@ def write_report(runs: Path, out: Path) -> Path:
     ]
     for exp, per in results.items():
         for p, v in per.items():
-            lines.append(f"{v['card']['command']}   # {exp}, held out {p}")
+            lines.append(f"{portable(v['card']['command'])}   # {exp}, held out {p}")
     lines += ["```", ""]
     if NOTES.exists():
         lines += [NOTES.read_text().rstrip(), ""]

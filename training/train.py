@@ -272,6 +272,14 @@ def load_checkpoint(path: Path, net, opt, sched, rng, gen) -> tuple[int, list]:
     return meta["epoch"], meta["history"]
 
 
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (commands stay portable)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def git_commit() -> str:
     """The current commit of this repository, or 'unknown'."""
     try:
@@ -425,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds": round(history[-1]["seconds"], 1),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "held_out_metrics": final,
-            "command": " ".join(["python training/train.py", str(args.config), *[f"--set '{s}'" for s in args.set]]),
+            "command": " ".join(
+                ["python training/train.py", _relative(args.config), *[f"--set '{s}'" for s in args.set]]
+            ),
         }
         card = save_model(
             net,
