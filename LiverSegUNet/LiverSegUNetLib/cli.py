@@ -85,7 +85,7 @@ def _segment(args: argparse.Namespace) -> int:
         print(
             f"{summary['case']}: liver {summary['liver_volume_ml']:.1f} ml in {summary['slices']} slices; "
             f"{s['total']:.1f} s (read {s['read']:.1f}, model {s['inference']:.1f}, "
-            f"post {s.get('postprocess', 0):.1f}, write {s['write']:.1f}; model load {load_s:.1f}) "
+            f"post {s.get('postprocess', 0):.1f}, write {s['write']:.1f}; model load {load_s:.2f}) "
             f"on {summary['device']} {summary['precision']}"
         )
         for kind, name in summary["outputs"].items():
