@@ -163,13 +163,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
                 return
             p = self.logic.getParameterNode()
             inputVolume = p.GetNodeReference("InputVolume")
-            outputSegmentation = p.GetNodeReference("OutputSegmentation")
-            if outputSegmentation is None:
-                outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", f"{inputVolume.GetName()} liver" if inputVolume else "Liver"
-                )
-                outputSegmentation.CreateDefaultDisplayNodes()
-                self.ui.outputSegmentationSelector.setCurrentNode(outputSegmentation)
+            outputSegmentation = p.GetNodeReference("OutputSegmentation")  # None: created with the result
             self._job = self.logic.startJob(
                 inputVolume, outputSegmentation, p.GetParameter("Device"), p.GetParameter("Postprocess") == "true"
             )
@@ -198,6 +192,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
             if stats is None:
                 self.ui.statusLabel.text = _("Cancelled; the segmentation was not changed.")
             else:
+                self.ui.outputSegmentationSelector.setCurrentNode(job.outputSegmentation)
                 self.ui.statusLabel.text = _("Liver: {ml:.1f} ml in {s:.1f} s").format(
                     ml=stats["volume_ml"], s=stats["seconds"]
                 )
@@ -339,8 +334,11 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         )
 
     # -- running ----------------------------------------------------------------------------
-    def startJob(self, inputVolume, outputSegmentation, device="auto", postprocess=True):
-        """Copy the input and start segmenting in a worker thread; call ``finishJob`` when it ends."""
+    def startJob(self, inputVolume, outputSegmentation=None, device="auto", postprocess=True):
+        """Copy the input and start segmenting in a worker thread; call ``finishJob`` when it ends.
+
+        Without ``outputSegmentation``, ``finishJob`` creates one for the result.
+        """
         from LiverSegUNetLib.inference import check_ct, resolve_device
 
         volume = self.volumeFromNode(inputVolume)
@@ -380,9 +378,11 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         if (
             slicer.mrmlScene.IsClosing()
             or job.inputVolume.GetScene() is None
-            or job.outputSegmentation.GetScene() is None
+            or (job.outputSegmentation is not None and job.outputSegmentation.GetScene() is None)
         ):
             return None
+        if job.outputSegmentation is None:  # created only now, so a failed or cancelled run adds no node
+            job.outputSegmentation = self.newSegmentationNode(job.inputVolume)
         self.writeLiverSegment(job.outputSegmentation, job.inputVolume, job.result.mask.array)
         return {
             "volume_ml": job.result.volume_ml,
@@ -396,9 +396,7 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         self, inputVolume, outputSegmentation=None, device="auto", postprocess=True, progress=None, cancel=None
     ):
         """Segment synchronously (console and tests); returns the stats dict, or None if cancelled."""
-        job = self.startJob(
-            inputVolume, outputSegmentation or self.newSegmentationNode(inputVolume), device, postprocess
-        )
+        job = self.startJob(inputVolume, outputSegmentation, device, postprocess)
         while job.thread.is_alive():
             job.thread.join(0.05)
             if progress:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..volume import Volume
 from .dicom import read_dicom_folder
-from .images import is_image_file, read_image
+from .images import IMAGE_SUFFIXES, is_image_file, read_image
 from .ircadb import IrcadbPatient, is_ircadb_patient
 
 
@@ -34,9 +34,7 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None, allow_no
 def case_name(path: str | os.PathLike) -> str:
     """A file-name-safe name for a case, from its input path (``3Dircadb1.1``, ``ct`` for ``ct.nii.gz``)."""
     name = Path(path).name
-    for suffix in sorted(
-        (".seg.nrrd", *(s for s in (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd"))), key=len, reverse=True
-    ):
+    for suffix in sorted((".seg.nrrd", *IMAGE_SUFFIXES), key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name or "case"
