@@ -18,6 +18,11 @@ GET_DATA = (
     "https://www.ircad.fr/research/data-sets/liver-segmentation-3d-ircadb-01/ "
     "and place the patient folders (3Dircadb1.1, ...) under <data>/3Dircadb1/, or point LIVERSEG_DATA at <data>."
 )
+GET_MSD = (
+    "msd_liver_2d (2D liver slices from the Medical Segmentation Decathlon Task03 Liver, "
+    "http://medicaldecathlon.com/, as images/*.jpg and masks/*.jpg) not found at {root}; "
+    "place it beside 3Dircadb1/ under <data>, or point LIVERSEG_DATA at <data>."
+)
 PATIENTS = ("3Dircadb1.1", "3Dircadb1.7", "3Dircadb1.17")
 # The bundled model is trained on all three shared patients (training/results/RESULTS.md gives its
 # leave-one-out numbers), so end-to-end checks on this patient guard the pipeline (reading,
@@ -31,6 +36,18 @@ def ircadb_root() -> Path:
     root = default_data_root() / "3Dircadb1"
     if not all((root / p).is_dir() for p in PATIENTS):
         message = GET_DATA.format(root=root)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture(scope="session")
+def msd_root(ircadb_root) -> Path:
+    """The optional msd_liver_2d training slices beside 3Dircadb1/; skips (fails under CI=true) when absent."""
+    root = ircadb_root.parent / "msd_liver_2d"
+    if not (root / "images").is_dir():
+        message = GET_MSD.format(root=root)
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import TEST_PATIENT
-from LiverSegUNetLib import metrics
+from LiverSegUNetLib import inference, metrics
 from LiverSegUNetLib.errors import Cancelled, InputError
-from LiverSegUNetLib.inference import segment
+from LiverSegUNetLib.inference import body_box, liver_range, runtime_network, segment
 from LiverSegUNetLib.postprocess import fill_holes_per_slice, largest_component
 from LiverSegUNetLib.volume import Volume
 
@@ -58,7 +58,8 @@ def test_cancel_and_progress(patient, bundled_model):
             progress=lambda s, f: seen.append((s, f)),
             cancel=lambda: len(seen) >= 2,
         )
-    assert seen == [("inference", 8 / 40), ("inference", 16 / 40)]
+    assert [stage for stage, _ in seen] == ["inference", "inference"]  # cancel is checked before every batch
+    assert 0 < seen[0][1] < seen[1][1] < 1
     seen.clear()
     segment(ct, bundled_model, device="cpu", batch_size=8, progress=lambda s, f: seen.append((s, f)))
     fractions = [f for s, f in seen if s == "inference"]
@@ -104,3 +105,56 @@ def test_orientation_does_not_change_the_physical_result(patient, bundled_model)
         remapped = np.zeros_like(ref.array)
         remapped[ijk[2], ijk[1], ijk[0]] = 1
         assert metrics.dice(remapped, ref.array) == 1.0, (perm, flips)
+
+
+def test_liver_range_takes_the_heaviest_run_of_positive_probes():
+    probes = np.array([0, 5, 10, 15, 20, 25, 29])
+    # two runs: probes 5..10 (weak) and 20..25 (strong); the range reaches stride - 1 past the run
+    assert liver_range(np.array([0, 3, 2, 0, 50, 40, 0]), probes, 5, 30) == (16, 29)
+    assert liver_range(np.array([9, 0, 0, 0, 0, 0, 0]), probes, 5, 30) == (0, 4)
+    assert liver_range(np.zeros(7, int), probes, 5, 30) is None
+
+
+def test_probe_pass_gives_the_same_mask_as_every_slice(patient, bundled_model, monkeypatch):
+    """Skipping slices outside the liver's extent must not change the postprocessed result."""
+    ct = _crop(patient("3Dircadb1.1").ct, 0, 70)  # the liver starts at slice 27: the probe pass skips slices
+    ran = []  # slices through the network, per run
+    real_runtime = inference.runtime_network
+
+    def counting_runtime(network, device):
+        net, dtype, autocast = real_runtime(network, device)
+        return (lambda x: ran.append(len(x)) or net(x)), dtype, autocast
+
+    monkeypatch.setattr(inference, "runtime_network", counting_runtime)
+    probed = segment(ct, bundled_model, device="cpu").mask.array
+    probed_slices, ran[:] = sum(ran), []
+    monkeypatch.setattr(inference, "PROBE_MM", 0.0)  # stride 1: every slice runs
+    every = segment(ct, bundled_model, device="cpu").mask.array
+    assert probed.any() and sum(ran) == 70
+    assert probed_slices < 0.8 * 70
+    np.testing.assert_array_equal(probed, every)
+
+
+def test_body_box_holds_the_liver_and_drops_air(patient):
+    p = patient(TEST_PATIENT)
+    ct, liver = p.ct, p.mask("liver").array
+    rows, cols = body_box(ct.array, ct.spacing_mm[:2])
+    assert liver[:, rows, cols].sum() == liver.sum()
+    assert (rows.stop - rows.start) * (cols.stop - cols.start) < 0.9 * ct.shape[1] * ct.shape[2]
+    # nothing reaches soft-tissue HU (not a CT in HU): the whole slice is kept
+    whole = body_box(np.full((3, 40, 50), -900, np.int16), (1.0, 1.0))
+    assert whole == (slice(0, 40), slice(0, 50))
+
+
+def test_runtime_network_matches_the_trained_network(bundled_model):
+    import torch
+
+    x = torch.rand(2, bundled_model.plan.in_channels, 64, 64)
+    with torch.inference_mode():
+        reference = torch.sigmoid(bundled_model.network(x))
+        net, dtype, autocast = runtime_network(bundled_model.network, "cpu")
+        with autocast:
+            fast = torch.sigmoid(net(x.to(dtype)).float())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # folded away
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bundled_model.network.modules())  # original intact
+    torch.testing.assert_close(fast, reference, atol=3e-2, rtol=0)

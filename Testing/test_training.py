@@ -65,6 +65,36 @@ def test_tiny_training_run_exports_a_loadable_model(ircadb_root, patient, tmp_pa
     assert result.mask.same_grid(small) and result.mask.array.dtype == np.uint8
 
 
+def test_extra_slices_are_turned_to_the_radiological_view(msd_root):
+    extra = train.ExtraSlices(msd_root, Plan(hu_min=0, hu_max=255, multiple=16), pixel_mm=1.5)
+    assert extra.images.shape == (643, 256, 256) and len(extra.cases) == 122
+    assert extra.sample(0, 1).shape == (4, 256, 256)  # the slice as its own neighbours, then its label
+    liver_right = 0
+    for image, label in zip(extra.images.float(), extra.labels.float()):
+        cols = torch.arange(image.shape[1], dtype=torch.float32)
+        body = (image > 0.1).float()
+        liver_col = (label.sum(0) * cols).sum() / label.sum()
+        body_col = (body.sum(0) * cols).sum() / body.sum()
+        liver_right += bool(liver_col < body_col)  # patient's right is the image's left
+    assert liver_right >= 0.97 * len(extra.images)
+
+
+def test_training_with_extra_slices_records_them(ircadb_root, msd_root, tmp_path):
+    proc = _train(
+        ircadb_root,
+        tmp_path / "run",
+        "liver_scratch_msd",
+        "samples_fraction=0.05",
+        'train_patients=["3Dircadb1.7"]',
+        "test_patients=[]",
+        "validate=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prov = load_model(tmp_path / "run" / "model.json").card["provenance"]
+    assert prov["extra_2d_slices"] == 643 and "Decathlon" in prov["data"]
+    assert prov["config"]["plan"]["hu_min"] == 0 and prov["config"]["plan"]["hu_max"] == 255
+
+
 def test_overlapping_split_is_refused(ircadb_root, tmp_path):
     proc = _train(
         ircadb_root,
@@ -77,6 +107,8 @@ def test_overlapping_split_is_refused(ircadb_root, tmp_path):
 
 
 class _Fake:
+    sample = train.PatientSlices.sample
+
     def __init__(self, n, tag):
         self.images = torch.full((n, 8, 8), float(tag))
 

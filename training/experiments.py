@@ -25,7 +25,15 @@ sys.path.insert(0, str(ROOT / "LiverSegUNet"))
 from LiverSegUNetLib.io.ircadb import default_data_root, is_ircadb_patient  # noqa: E402
 
 CONFIGS = ROOT / "training" / "configs"
-EXPERIMENTS = ["bone_pretrain", "liver_scratch", "liver_scratch_25", "liver_transfer_25", "liver_transfer_25_frozen"]
+EXPERIMENTS = [
+    "bone_pretrain",
+    "liver_scratch",
+    "liver_scratch_25",
+    "liver_transfer_25",
+    "liver_transfer_25_frozen",
+    "liver_scratch_hu255",
+    "liver_scratch_msd",
+]
 TRANSFER = {"liver_transfer_25", "liver_transfer_25_frozen"}
 LIVER = [e for e in EXPERIMENTS if e.startswith("liver")]
 

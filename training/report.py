@@ -27,7 +27,15 @@ METRICS = [
     ("hd95_mm", "HD95 mm", "{:.1f}"),
     ("accuracy", "pixel acc.", "{:.4f}"),
 ]
-ORDER = ["liver_scratch", "liver_scratch_25", "liver_transfer_25", "liver_transfer_25_frozen", "bone_pretrain"]
+ORDER = [
+    "liver_scratch",
+    "liver_scratch_25",
+    "liver_transfer_25",
+    "liver_transfer_25_frozen",
+    "liver_scratch_hu255",
+    "liver_scratch_msd",
+    "bone_pretrain",
+]
 NOTES = Path(__file__).resolve().parent / "results_notes.md"
 
 

@@ -88,6 +88,54 @@ class PatientSlices:
         self.images = prepare_slices(hu, grid, plan).half()
         self.labels = to_model_grid(lab.float(), grid).half()
 
+    def sample(self, k: int, context: int) -> torch.Tensor:
+        """``(2 * context + 2, H, W)``: slice ``k`` with its neighbours as channels, then its label."""
+        return torch.cat([with_context(self.images, torch.tensor([k]), context)[0], self.labels[k : k + 1]])
+
+
+def _radiological(name: str, image: np.ndarray) -> np.ndarray:
+    """An msd_liver_2d slice turned back to the radiological axial view (rows anterior to posterior,
+    columns patient right to left): ``flipped_*`` were transposed and left-right flipped,
+    ``mirrored_*`` transposed and up-down flipped."""
+    if name.startswith("flipped_"):
+        return image[:, ::-1].T
+    if name.startswith("mirrored_"):
+        return image[::-1, :].T
+    raise SystemExit(f"unexpected msd_liver_2d file name {name!r} (expected flipped_* or mirrored_*)")
+
+
+class ExtraSlices:
+    """Liver slices of other patients (the ``msd_liver_2d`` layout): extra variety for training, never evaluation.
+
+    Intensity is HU clipped to 0..255 stored as 8-bit JPEG, so it is read as HU and put through the
+    plan's window (use a plan window of 0..255 to match the CT slices exactly). There is no spacing:
+    ``pixel_mm`` says what to assume (256 pixels over a typical 350-400 mm field of view is about
+    1.5 mm). Each slice has no neighbours, so its context channels repeat it.
+    """
+
+    def __init__(self, folder: Path, plan: Plan, pixel_mm: float):
+        import SimpleITK as sitk
+
+        files = sorted((folder / "images").glob("*.jpg"))
+        if not files:
+            raise SystemExit(f"no extra 2D slices found under {folder / 'images'}; fix extra_2d or leave it empty")
+        images, labels = [], []
+        for f in files:
+            image = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+            mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "masks" / f.name)))
+            images.append(_radiological(f.name, image[..., 0] if image.ndim == 3 else image))
+            labels.append(_radiological(f.name, mask[..., 0] if mask.ndim == 3 else mask) > 127)
+        hu = torch.from_numpy(np.stack(images).astype(np.float32))
+        grid = SliceGrid.for_slices(hu.shape[1:], (pixel_mm, pixel_mm), plan)
+        self.name = folder.name
+        self.cases = sorted({f.name.split("_")[1] for f in files})
+        self.images = prepare_slices(hu, grid, plan).half()
+        self.labels = to_model_grid(torch.from_numpy(np.stack(labels)).float(), grid).half()
+
+    def sample(self, k: int, context: int) -> torch.Tensor:
+        """``(2 * context + 2, H, W)``: slice ``k`` repeated as its own neighbours, then its label."""
+        return torch.cat([self.images[k : k + 1].expand(2 * context + 1, -1, -1), self.labels[k : k + 1]])
+
 
 def training_samples(train: list[PatientSlices], fraction: float, subset_seed: int) -> list[tuple[int, int]]:
     """(patient index, slice index) pairs; a ``fraction`` < 1 keeps a subset fixed by ``subset_seed``."""
@@ -114,9 +162,7 @@ def make_batch(train, batch, plan: Plan, crop: int, rng) -> tuple[torch.Tensor, 
     """Images ``(B, C, crop, crop)`` with neighbouring-slice channels, and labels ``(B, 1, crop, crop)``."""
     xs, ys = [], []
     for p, k in batch:
-        ps = train[p]
-        both = torch.cat([with_context(ps.images, torch.tensor([k]), plan.context)[0], ps.labels[k : k + 1]])
-        both = crop_or_pad(both, crop, rng)
+        both = crop_or_pad(train[p].sample(k, plan.context), crop, rng)
         xs.append(both[:-1])
         ys.append(both[-1:])
     return torch.stack(xs).float(), torch.stack(ys).float()
@@ -341,6 +387,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"patients {sorted(leaked)} are both in training and test; refusing to run")
     test_slices = [PatientSlices(p, cfg["organ"], plan) for p in test] if cfg["validate"] and rank == 0 else []
     samples = training_samples(train, cfg["samples_fraction"], cfg["subset_seed"])
+    extra = None
+    per_batch = cfg["batch_size"]  # CT slices per batch; the rest of the batch comes from the extra slices
+    if cfg["extra_2d"]:
+        extra = ExtraSlices((args.data or default_data_root()) / cfg["extra_2d"], plan, cfg["extra_2d_pixel_mm"])
+        per_batch = max(1, cfg["batch_size"] - round(cfg["batch_size"] * cfg["extra_2d_share"]))
+        train.append(extra)
+        log.info(
+            "extra 2D slices: %d from %d other patients (%s), %d of every %d batch samples",
+            extra.images.shape[0],
+            len(extra.cases),
+            cfg["extra_2d"],
+            cfg["batch_size"] - per_batch,
+            cfg["batch_size"],
+        )
     log.info(
         "%s: %d training slices of %s from %s, test %s, %d process(es) on %s (data %.1f s)",
         cfg["name"],
@@ -358,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         net = net.to(memory_format=torch.channels_last)
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    steps_per_epoch = max(1, len(samples) // (cfg["batch_size"] * world))
+    steps_per_epoch = max(1, len(samples) // (per_batch * world))  # an epoch: every CT sample once
     total = steps_per_epoch * cfg["epochs"]
     warm = max(1, steps_per_epoch * cfg["warmup_epochs"])
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -379,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         losses = []
         bar = ProgressBar() if rank == 0 and sys.stderr.isatty() else None
         for step in range(steps_per_epoch):
-            batch = [samples[i] for i in mine[step * cfg["batch_size"] : (step + 1) * cfg["batch_size"]]]
+            batch = [samples[i] for i in mine[step * per_batch : (step + 1) * per_batch]]
+            if extra is not None:  # drawn for every rank from the shared generator, each rank takes its row
+                picks = rng.integers(0, extra.images.shape[0], (world, cfg["batch_size"] - per_batch))[rank]
+                batch += [(len(train) - 1, int(k)) for k in picks]
             x, y = augment(*make_batch(train, batch, plan, cfg["crop"], rng), cfg["augment"], gen)
             losses.append(train_step(ddp, opt, sched, x, y, autocast, device))
             if bar:
@@ -420,11 +483,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in final.items():
             log.info("%s 3D: %s", name, {k: round(v, 4) for k, v in m.items()})
         provenance = {
-            "data": "3D-IRCADb-01, IRCAD France",
+            "data": "3D-IRCADb-01, IRCAD France"
+            + ("; Medical Segmentation Decathlon Task03 Liver (LiTS), CC BY-SA 4.0" if extra is not None else ""),
             "organ": cfg["organ"],
             "train_patients": cfg["train_patients"],
             "test_patients": cfg["test_patients"],
             "training_slices": len(samples),
+            "extra_2d_slices": 0 if extra is None else int(extra.images.shape[0]),
             "config": cfg,
             "commit": git_commit(),
             "precision": precision,

@@ -48,7 +48,8 @@ def sources_in_zip(archive: zipfile.ZipFile, prefix: str) -> list[DicomSource]:
             continue
         if info.file_size > MAX_MEMBER_BYTES:
             raise InputError(f"{archive.filename}: member {name} claims {info.file_size} bytes; refusing to read it")
-        out.append(DicomSource(f"{archive.filename}:{name}", (lambda n=name: io.BytesIO(archive.read(n)))))
+        # a stream, not the whole member: listing headers then decompresses only the first few kB
+        out.append(DicomSource(f"{archive.filename}:{name}", (lambda n=name: archive.open(n))))
     return out
 
 
@@ -215,7 +216,13 @@ def _assemble(slices: list[_Slice], what: str, first_header) -> Volume:
     out = np.empty((len(slices), *shapes.pop()), dtype=np.int16 if integral else np.float32)
     for k, s in enumerate(slices):
         px = _pixels(s)
-        if integral:
+        if (
+            integral
+            and px.dtype.itemsize <= 2
+            and -32768 <= int(px.min()) + s.intercept <= int(px.max()) + s.intercept <= 32767
+        ):
+            np.add(px, np.int32(s.intercept), out=out[k], casting="unsafe")  # fits int16: no int32 copy
+        elif integral:
             out[k] = np.clip(px.astype(np.int32) + int(s.intercept), -32768, 32767)
         else:
             out[k] = px.astype(np.float32) * s.slope + s.intercept
