@@ -175,6 +175,18 @@ def liver_range(positive: np.ndarray, probes: np.ndarray, stride: int, n: int) -
     return max(0, int(probes[best[0]]) - stride + 1), min(n - 1, int(probes[best[1]]) + stride - 1)
 
 
+def _positive_box(low: np.ndarray, level: int) -> tuple[slice, slice, slice] | None:
+    """The bounding box of the voxels ``>= level`` in ``low`` (no full-size temporary), or None."""
+    ranges = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(low.max(axis=other) >= level)
+        if hit.size == 0:
+            return None
+        ranges.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(ranges)
+
+
 def predict_canonical(
     hu: np.ndarray,
     spacing_mm: tuple[float, float, float],
@@ -264,10 +276,18 @@ def predict_canonical(
         if progress is not None:
             progress("postprocess", 0.0)
         t = time.perf_counter()
-        raw = low >= level
-        kept = post.postprocess(raw).astype(bool)
-        low[~kept] = 0  # dropped components
-        low[kept & ~raw] = 255  # filled holes
+        box = _positive_box(low, level)
+        if box is None:
+            low[:] = 0
+        else:  # only the box around what the network found: memory scales with the liver, not the volume
+            k, j, i = box
+            low[: k.start], low[k.stop :] = 0, 0
+            low[k, : j.start], low[k, j.stop :], low[k, :, : i.start], low[k, :, i.stop :] = 0, 0, 0, 0
+            sub = low[box]
+            raw = sub >= level
+            kept = post.postprocess(raw).astype(bool)
+            sub[~kept] = 0  # dropped components
+            sub[kept & ~raw] = 255  # filled holes
         seconds["postprocess"] = time.perf_counter() - t
         if progress is not None:
             progress("postprocess", 1.0)
