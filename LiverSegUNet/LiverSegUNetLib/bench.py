@@ -27,7 +27,9 @@ PEERS = {
     "monai_segresnet_3mm": {"kind": "segresnet", "spacing_mm": 3.0},
     "nnunet_3d_fullres_1.5mm": {"kind": "nnunet", "spacing_mm": 1.5},
 }
-METHODS = ["ours", "report_unet_fp32", *PEERS]
+#: Our pipeline with the network run by ONNX Runtime (fp32) instead of torch: the optional-backend candidate.
+ONNXRUNTIME = "ours_onnxruntime"
+METHODS = ["ours", ONNXRUNTIME, "report_unet_fp32", *PEERS]
 #: Internal method: our inference on the patient stacked ``stack`` times along k, to show memory scaling.
 STACKED = "ours_stacked"
 
@@ -47,7 +49,31 @@ def _patient_volume(patient_dir: Path, stack: int):
     return ct, time.perf_counter() - t
 
 
-def _run_ours(patient_dir: Path, stack: int, device: str) -> dict:
+def _use_onnxruntime(model, folder: str) -> None:
+    """Make inference run ``model``'s network (batch norm folded, fp32) through an ONNX Runtime session."""
+    import contextlib
+
+    import onnxruntime
+    import torch
+
+    from . import inference
+
+    path = str(Path(folder) / "network.onnx")
+    x = torch.zeros(1, model.plan.in_channels, 64, 64)
+    dims = {0: "n", 2: "h", 3: "w"}
+    net = inference.fold_batch_norm(model.network).float()
+    torch.onnx.export(
+        net, (x,), path, input_names=["x"], output_names=["y"], dynamic_axes={"x": dims, "y": dims}, dynamo=False
+    )
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"x": batch.float().contiguous().numpy()})[0])
+
+    inference.runtime_network = lambda network, device: (run, torch.float32, contextlib.nullcontext())
+
+
+def _run_ours(patient_dir: Path, stack: int, device: str, onnxruntime: bool = False) -> dict:
     from .io.segnrrd import write_seg_nrrd
     from .outputs import write_all
     from .pipeline import segment_file
@@ -56,6 +82,9 @@ def _run_ours(patient_dir: Path, stack: int, device: str) -> dict:
 
     t = time.perf_counter()
     model = load_model(device=device)
+    export = tempfile.TemporaryDirectory()
+    if onnxruntime:
+        _use_onnxruntime(model, export.name)
     load_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         if stack == 0:
@@ -134,8 +163,8 @@ def worker(method: str, patient_dir: Path, stack: int, device: str, baseline_sli
     from . import inference, io, pipeline  # noqa: F401
 
     ready = time.time()
-    if method in ("ours", STACKED):
-        out = _run_ours(patient_dir, stack if method == STACKED else 0, device)
+    if method in ("ours", STACKED, ONNXRUNTIME):
+        out = _run_ours(patient_dir, stack if method == STACKED else 0, device, onnxruntime=method == ONNXRUNTIME)
     elif method == "report_unet_fp32":
         out = _run_report_unet(patient_dir, baseline_slices)
     else:

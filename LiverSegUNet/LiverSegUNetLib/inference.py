@@ -124,17 +124,10 @@ def body_box(hu: np.ndarray, spacing_ij_mm: tuple[float, float]) -> tuple[slice,
 PROBE_MM = 8.0
 
 
-def runtime_network(network, device: str):
-    """A copy of ``network`` as inference runs it, with the input dtype and the autocast context.
-
-    Batch norm is folded into the preceding convolutions (18 fewer passes over the activations);
-    on CPUs that compute bfloat16 natively the weights are stored in bfloat16 (no per-call casts)
-    and laid out channels-last. Together about 1.3x faster than autocast on the trained network.
-    """
-    import contextlib
+def fold_batch_norm(network):
+    """An eval-mode copy of ``network`` with every BatchNorm2d folded into the Conv2d before it."""
     import copy
 
-    import torch
     from torch import nn
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -144,7 +137,21 @@ def runtime_network(network, device: str):
             for i in range(len(seq) - 1):
                 if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
                     seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
-    net.to(device)
+    return net
+
+
+def runtime_network(network, device: str):
+    """A copy of ``network`` as inference runs it, with the input dtype and the autocast context.
+
+    Batch norm is folded into the preceding convolutions (18 fewer passes over the activations);
+    on CPUs that compute bfloat16 natively the weights are stored in bfloat16 (no per-call casts)
+    and laid out channels-last. Together about 1.3x faster than autocast on the trained network.
+    """
+    import contextlib
+
+    import torch
+
+    net = fold_batch_norm(network).to(device)
     if device == "cpu":
         net.to(memory_format=torch.channels_last)
         if cpu_has_bf16():
