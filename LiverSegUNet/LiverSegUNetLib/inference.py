@@ -270,7 +270,7 @@ def predict_canonical(
                 done[todo] = np.isin(todo, probes)
         todo = todo[~done[todo]]
         run(todo)
-    log.debug(
+    log.info(
         "network ran on %d of %d slices, %dx%d of %dx%d pixels each",
         len(todo) + (len(probes) if postprocess and stride > 1 else 0),
         n,
