@@ -145,7 +145,7 @@ def runtime_network(network, device: str):
 
     Batch norm is folded into the preceding convolutions (18 fewer passes over the activations);
     on CPUs that compute bfloat16 natively the weights are stored in bfloat16 (no per-call casts)
-    and laid out channels-last. Together about 1.3x faster than autocast on the trained network.
+    and laid out channels-last.
     """
     import contextlib
 
