@@ -145,6 +145,30 @@ def _pixels(slc: _Slice) -> np.ndarray:
     return pixels
 
 
+def _pixels_in_order(slices: list[_Slice], ahead: int = 8):
+    """Each slice's pixels, in order, decoded by a small thread pool a few slices ahead.
+
+    Decompression and file reads release the GIL, so they overlap with header parsing; at most
+    ``ahead`` decoded slices wait in memory. A failure stops the pool and is raised in order.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, min(4, os.cpu_count() or 1))
+    if workers == 1 or len(slices) < 2 * workers:
+        yield from map(_pixels, slices)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="dicom")
+    try:
+        pending = [pool.submit(_pixels, s) for s in slices[:ahead]]
+        for k in range(len(slices)):
+            if k + ahead < len(slices):
+                pending.append(pool.submit(_pixels, slices[k + ahead]))
+            yield pending[k].result()
+            pending[k] = None  # drop the decoded slice once it is copied
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def read_series(
     sources: Iterable[DicomSource], series_uid: str | None = None, what: str = "input", allow_non_ct: bool = True
 ) -> Volume:
@@ -214,8 +238,7 @@ def _assemble(slices: list[_Slice], what: str, first_header) -> Volume:
     integral = all(s.slope == 1 and s.intercept == round(s.intercept) for s in slices)
     check_volume_size((len(slices), slices[0].rows, slices[0].columns), 2 if integral else 4, what)
     out = np.empty((len(slices), *shapes.pop()), dtype=np.int16 if integral else np.float32)
-    for k, s in enumerate(slices):
-        px = _pixels(s)
+    for k, (s, px) in enumerate(zip(slices, _pixels_in_order(slices))):
         if (
             integral
             and px.dtype.itemsize <= 2

@@ -67,7 +67,7 @@ def write_seg_nrrd(mask: Volume, path: str | os.PathLike, structure: Structure) 
         f"space origin: {vector(mask.origin_lps)}",
         *(f"{key}:={value}" for key, value in fields.items()),
     ]
-    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip container
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: gzip container; level 1: fast
     with open(path, "wb") as fh:
         fh.write(("\n".join(header) + "\n\n").encode("ascii"))
         for k in range(0, a.shape[0], 16):
