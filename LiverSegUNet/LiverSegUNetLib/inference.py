@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 from .preprocess import Reorientation, SliceGrid, from_model_grid, normalize, to_model_grid
-from .volume import Volume
+from .volume import Volume, bounding_box
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ def prepare_slices(hu, grid: SliceGrid, plan):
 BODY_HU = -300
 #: Margin kept around the body, in mm.
 BODY_MARGIN_MM = 10.0
+#: Distance between the slices of the first pass that finds the liver's extent along the body axis.
+PROBE_MM = 8.0
 
 
 def body_box(hu: np.ndarray, spacing_ij_mm: tuple[float, float]) -> tuple[slice, slice]:
@@ -110,18 +112,14 @@ def body_box(hu: np.ndarray, spacing_ij_mm: tuple[float, float]) -> tuple[slice,
     if not projection.any():
         return whole
     labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(projection), True))
-    rows, cols = np.nonzero(sitk.GetArrayViewFromImage(labels) == 1)
+    rows, cols = bounding_box(sitk.GetArrayViewFromImage(labels) == 1)
     mr = int(np.ceil(BODY_MARGIN_MM / spacing_ij_mm[1]))
     mc = int(np.ceil(BODY_MARGIN_MM / spacing_ij_mm[0]))
-    r0, r1 = max(0, rows.min() - mr), min(hu.shape[1], rows.max() + 1 + mr)
-    c0, c1 = max(0, cols.min() - mc), min(hu.shape[2], cols.max() + 1 + mc)
+    r0, r1 = max(0, rows.start - mr), min(hu.shape[1], rows.stop + mr)
+    c0, c1 = max(0, cols.start - mc), min(hu.shape[2], cols.stop + mc)
     if r1 - r0 < 16 or c1 - c0 < 16:
         return whole
     return slice(int(r0), int(r1)), slice(int(c0), int(c1))
-
-
-#: Distance between the slices of the first pass that finds the liver's extent along the body axis.
-PROBE_MM = 8.0
 
 
 def fold_batch_norm(network):
@@ -180,18 +178,6 @@ def liver_range(positive: np.ndarray, probes: np.ndarray, stride: int, n: int) -
     if best is None:
         return None
     return max(0, int(probes[best[0]]) - stride + 1), min(n - 1, int(probes[best[1]]) + stride - 1)
-
-
-def _positive_box(low: np.ndarray, level: int) -> tuple[slice, slice, slice] | None:
-    """The bounding box of the voxels ``>= level`` in ``low`` (no full-size temporary), or None."""
-    ranges = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(low.max(axis=other) >= level)
-        if hit.size == 0:
-            return None
-        ranges.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(ranges)
 
 
 def predict_canonical(
@@ -256,23 +242,21 @@ def predict_canonical(
                 progress("inference", float(done.mean()))
 
     stride = max(1, int(round(PROBE_MM / spacing_mm[2])))
+    probes, todo = np.empty(0, dtype=int), np.arange(n)
     with torch.inference_mode():
-        todo = np.arange(n)
         if postprocess and stride > 1:
             probes = np.unique(np.r_[np.arange(0, n, stride), n - 1])
             run(probes)
             span = liver_range((low[probes] >= level).reshape(len(probes), -1).sum(axis=1), probes, stride, n)
             if span is not None:  # else nothing found: run every slice, as without the probe
                 todo = np.arange(span[0], span[1] + 1)
-                low[: span[0]] = 0
-                low[span[1] + 1 :] = 0
-                done[:] = True
-                done[todo] = np.isin(todo, probes)
-        todo = todo[~done[todo]]
+                low[: span[0]], low[span[1] + 1 :] = 0, 0  # probes outside the span
+                done[: span[0]], done[span[1] + 1 :] = True, True  # skipped slices count as handled
+            todo = np.setdiff1d(todo, probes)
         run(todo)
     log.info(
         "network ran on %d of %d slices, %dx%d of %dx%d pixels each",
-        len(todo) + (len(probes) if postprocess and stride > 1 else 0),
+        len(probes) + len(todo),
         n,
         *hu.shape[1:],
         *full_shape[1:],
@@ -283,7 +267,7 @@ def predict_canonical(
         if progress is not None:
             progress("postprocess", 0.0)
         t = time.perf_counter()
-        box = _positive_box(low, level)
+        box = bounding_box(low, level)
         if box is None:
             low[:] = 0
         else:  # only the box around what the network found: memory scales with the liver, not the volume

@@ -7,6 +7,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def bounding_box(array: np.ndarray, level=1) -> tuple[slice, ...] | None:
+    """Per-axis slices of the smallest box holding every element ``>= level``, or None if there is none.
+
+    Uses one reduction per axis, so no temporary as large as ``array`` is made.
+    """
+    box = []
+    for axis in range(array.ndim):
+        hit = np.flatnonzero(array.max(axis=tuple(a for a in range(array.ndim) if a != axis)) >= level)
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 @dataclass(frozen=True)
 class Volume:
     """A 3D scalar image that never travels without its geometry.

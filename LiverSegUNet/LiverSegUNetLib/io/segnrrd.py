@@ -9,18 +9,15 @@ import numpy as np
 
 from ..errors import InputError
 from ..terminology import Structure
-from ..volume import Volume
+from ..volume import Volume, bounding_box
 from .images import read_image, sitk_from_volume, volume_from_sitk
 
 
 def _extent(mask: np.ndarray) -> str:
-    if not mask.any():
+    box = bounding_box(mask)
+    if box is None:
         return "0 -1 0 -1 0 -1"
-    ranges = []
-    for axis in (2, 1, 0):  # i, j, k
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        ranges += [int(hit[0]), int(hit[-1])]
-    return " ".join(map(str, ranges))
+    return " ".join(f"{b.start} {b.stop - 1}" for b in reversed(box))  # i, j, k
 
 
 def write_seg_nrrd(mask: Volume, path: str | os.PathLike, structure: Structure) -> None:
