@@ -2,11 +2,14 @@
 
 Slicer glue only: the pipeline lives in ``LiverSegUNetLib`` (shared with the ``liverseg`` command
 line). Qt, torch and the core are imported where they are used, so the module loads fast and its
-Logic and Test also run without the Slicer application.
+Logic, job monitor and Test also run without the Slicer application.
+
+Requires Slicer 5.4 or later (``slicer.i18n``) and the PyTorch extension.
 """
 
 import logging
 import os
+import re
 import threading
 import time
 
@@ -14,6 +17,7 @@ import numpy as np
 import slicer
 import vtk
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,37 +29,48 @@ from slicer.ScriptedLoadableModule import (
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DEVICES = ("auto", "cpu", "cuda")
 LIVER_SEGMENT_ID = "Liver"
+#: Oldest PyTorch the core runs on (the package's own requirement is torch>=2.1,<3).
+TORCH_MINIMUM = (2, 1)
+#: Small packages the core imports besides torch and numpy (pydicom ships with Slicer; checked anyway).
+PIP_REQUIREMENTS = (("safetensors", "safetensors>=0.4"), ("pydicom", "pydicom>=2.4"))
 
 
 class LiverSegUNet(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Liver Seg UNet")
-        self.parent.categories = [_("Segmentation")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["LiverSegUNet contributors"]
         self.parent.helpText = _(
             "Segments the liver of an abdominal CT volume in one click with a bundled 2D U-Net "
             "(runs on the CPU in seconds, on a GPU when present). The result is a segment named "
-            "'Liver' with SNOMED CT terminology in the chosen segmentation."
+            "'Liver' with SNOMED CT terminology in the chosen segmentation. The weights are bundled; "
+            "on first use the module asks before installing PyTorch (through the PyTorch extension) "
+            "and the small packages it needs. 'Load sample CT' loads a bundled openly licensed CT to try it on."
         )
         self.parent.acknowledgementText = _(
-            "Model trained on 3D-IRCADb-01 (IRCAD France); weights for non-commercial research use only. "
-            "Not a medical device."
+            "Model trained on 3D-IRCADb-01 (IRCAD France, CC BY-NC-ND 4.0) and on slices of the Medical "
+            "Segmentation Decathlon Task03 Liver (LiTS, CC BY-SA 4.0); weights for non-commercial research "
+            "use only. Sample CT: example CT from TotalSegmentator (Wasserthal et al., Radiology: AI 2023), "
+            "Apache-2.0 / CC BY 4.0. Not a medical device."
         )
 
 
 # ---------------------------------------------------------------------------------------------
-# Widget: thin; everything it does is a Logic call. The model runs in a worker thread, MRML is
-# only touched from the main thread (on a timer), so the GUI stays responsive.
+# Widget: thin; everything it does is a Logic or JobMonitor call. The model runs in a worker
+# thread; a timer calls JobMonitor.tick(), which waits for the worker with the GIL released.
 # ---------------------------------------------------------------------------------------------
+
+#: Timer interval between monitor ticks; each tick itself waits up to JobMonitor.WAIT_S for the worker.
+TICK_INTERVAL_MS = 10
 
 
 class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         self.logic = None
-        self._job = None
+        self._monitor = None
         self._timer = None
         self._observations = []
         self._updating = False
@@ -75,11 +90,12 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.postprocessCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.show3DButton.connect("clicked(bool)", self.onShow3DButton)
         self._timer = qt.QTimer()
-        self._timer.setInterval(100)
-        self._timer.connect("timeout()", self._poll)
+        self._timer.setInterval(TICK_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onTimerTick)
         self._observations = [
             slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose),
             slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose),
@@ -88,7 +104,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         self.initializeParameterNode()
 
     def cleanup(self):
-        self._cancelJob()
+        self._abandonJob()
         for tag in self._observations:
             slicer.mrmlScene.RemoveObserver(tag)
         self._observations = []
@@ -97,7 +113,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         self.initializeParameterNode()
 
     def onSceneStartClose(self, caller, event):
-        self._cancelJob()
+        self._abandonJob()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -105,8 +121,8 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def onNodeAboutToBeRemoved(self, caller, event, node):
-        if self._job and node in (self._job.inputVolume, self._job.outputSegmentation):
-            self._cancelJob()
+        if self._monitor and node in (self._monitor.job.inputVolume, self._monitor.job.outputSegmentation):
+            self._abandonJob()
 
     def initializeParameterNode(self):
         parameterNode = self.logic.getParameterNode()
@@ -140,7 +156,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         self._updateButtons()
 
     def _updateButtons(self):
-        running = self._job is not None
+        running = self._monitor is not None
         hasInput = self.ui.inputVolumeSelector.currentNode() is not None
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.enabled = running or hasInput
@@ -150,66 +166,66 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
             self.ui.outputSegmentationSelector,
             self.ui.deviceComboBox,
             self.ui.postprocessCheckBox,
+            self.ui.loadSampleButton,
         ):
             widget.enabled = not running
 
+    def onLoadSampleButton(self):
+        with slicer.util.tryWithErrorDisplay(_("Could not load the sample CT."), waitCursor=True):
+            node = self.logic.loadSampleVolume()
+            slicer.util.setSliceViewerLayers(background=node, fit=True)
+            self.ui.inputVolumeSelector.setCurrentNode(node)
+
     def onApplyButton(self):
-        if self._job:
-            self._job.cancel.set()
+        if self._monitor:
+            self._monitor.cancel()
             self.ui.statusLabel.text = _("Cancelling...")
             return
-        try:
+        with slicer.util.tryWithErrorDisplay(_("Liver segmentation failed."), waitCursor=True):
+            missing = self.logic.missingDependencies()
             if not self.logic.ensureDependencies(askConfirmation=True):
+                self.ui.statusLabel.text = _(
+                    "Not run: the module needs {packages}. Click Apply again to install them."
+                ).format(packages=", ".join(missing))
                 return
             p = self.logic.getParameterNode()
-            inputVolume = p.GetNodeReference("InputVolume")
-            outputSegmentation = p.GetNodeReference("OutputSegmentation")  # None: created with the result
-            self._job = self.logic.startJob(
-                inputVolume, outputSegmentation, p.GetParameter("Device"), p.GetParameter("Postprocess") == "true"
+            job = self.logic.startJob(
+                p.GetNodeReference("InputVolume"),
+                p.GetNodeReference("OutputSegmentation"),  # None: created with the result
+                p.GetParameter("Device"),
+                p.GetParameter("Postprocess") == "true",
             )
-        except Exception as exc:
-            self._showError(exc)
-            return
+        self._monitor = JobMonitor(self.logic, job)
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = _("Starting...")
         self._updateButtons()
         self._timer.start()
 
-    def _poll(self):
-        job = self._job
-        stage, fraction = job.progress
+    def onTimerTick(self):
+        monitor = self._monitor
+        finished = monitor.tick()
+        stage, fraction = monitor.job.progress
         self.ui.progressBar.value = int(100 * fraction)
         self.ui.progressBar.format = f"{stage} %p%"
-        if job.thread.is_alive():
+        if not finished:
             return
         self._timer.stop()
-        self._job = None
-        try:
-            stats = self.logic.finishJob(job)
-        except Exception as exc:
-            self._showError(exc)
-        else:
-            if stats is None:
-                self.ui.statusLabel.text = _("Cancelled; the segmentation was not changed.")
-            else:
-                self.ui.outputSegmentationSelector.setCurrentNode(job.outputSegmentation)
-                self.ui.statusLabel.text = _("Liver: {ml:.1f} ml in {s:.1f} s").format(
-                    ml=stats["volume_ml"], s=stats["seconds"]
-                )
+        self._monitor = None
         self._updateButtons()
+        self.ui.statusLabel.text = monitor.statusText()
+        if monitor.stats is not None:
+            self.ui.outputSegmentationSelector.setCurrentNode(monitor.job.outputSegmentation)
+        with slicer.util.tryWithErrorDisplay(_("Liver segmentation failed.")):
+            if monitor.error is not None:
+                raise monitor.error
 
-    def _cancelJob(self):
-        if self._job:
-            self._job.cancel.set()
-            self._job.thread.join()
-            self._job = None
+    def _abandonJob(self):
+        """Stop a running job without writing its result (scene closing, input removed, module closed)."""
+        if self._monitor:
+            self._monitor.abandon()
+            self._monitor = None
             if self._timer:
                 self._timer.stop()
-
-    def _showError(self, exc):
-        logging.exception("LiverSegUNet failed")
-        self.ui.statusLabel.text = _("Failed: {error}").format(error=exc)
-        slicer.util.errorDisplay(str(exc), windowTitle=_("Liver segmentation failed"))
 
     def onShow3DButton(self):
         node = self.ui.outputSegmentationSelector.currentNode()
@@ -239,6 +255,73 @@ class SegmentationJob:
         self.thread = None
 
 
+class JobMonitor:
+    """Drives a running SegmentationJob from the main thread, one ``tick()`` per timer event.
+
+    In the Slicer application the main thread holds the GIL while Qt's event loop idles (PythonQt
+    does not release it around the loop), so a worker thread only runs while the main thread is in
+    Python code that releases the GIL. Each tick therefore waits for the worker in
+    ``thread.join(WAIT_S)``, which releases it: the model runs at full speed during the wait, and
+    the GUI gets control back at least every ``WAIT_S`` seconds to repaint and take clicks. (A
+    subprocess would also free the GUI, but pays interpreter start, torch import and model load,
+    1-2 s, on every click, and a copy of the volume through a file.)
+    """
+
+    WAIT_S = 0.05
+
+    def __init__(self, logic, job):
+        self.logic = logic
+        self.job = job
+        self.finished = False
+        self.stats = None
+        self.error = None
+
+    def tick(self):
+        """Let the worker run for up to ``WAIT_S``; when it has ended, write the result. True once finished."""
+        if self.finished:
+            return True
+        self.job.thread.join(self.WAIT_S)
+        if self.job.thread.is_alive():
+            return False
+        self.finished = True
+        try:
+            self.stats = self.logic.finishJob(self.job)
+        except Exception as exc:  # shown by the caller
+            self.error = exc
+        return True
+
+    def cancel(self):
+        """Ask the worker to stop at its next batch; the segmentation is left as it was."""
+        self.job.cancel.set()
+
+    def abandon(self):
+        """Cancel and wait for the worker, writing nothing."""
+        self.job.cancel.set()
+        self.job.thread.join()
+        self.finished = True
+
+    def statusText(self):
+        """The panel's result line for a finished job."""
+        if self.error is not None:
+            return _("Failed: {error}").format(error=self.error)
+        if self.stats is None:
+            return _("Cancelled; the segmentation was not changed.")
+        return _("Liver: {ml:.1f} ml in {s:.1f} s").format(ml=self.stats["volume_ml"], s=self.stats["seconds"])
+
+
+def checkTorchVersion(version):
+    """Refuse a PyTorch older than ``TORCH_MINIMUM`` with what to do about it."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or tuple(int(v) for v in match.groups()) < TORCH_MINIMUM:
+        minimum = ".".join(str(v) for v in TORCH_MINIMUM)
+        raise RuntimeError(
+            _(
+                "PyTorch {version} is installed, but Liver Seg UNet needs {minimum} or newer. In the PyTorch Utils "
+                "module uninstall it, restart Slicer, and click Apply again to install a current version."
+            ).format(version=version, minimum=minimum)
+        )
+
+
 class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
     """Segment the liver of a scalar volume node into a segmentation node, through LiverSegUNetLib."""
 
@@ -259,33 +342,61 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
                 parameterNode.SetNodeReferenceID("InputVolume", first.GetID())
 
     # -- dependencies -----------------------------------------------------------------------
-    def ensureDependencies(self, askConfirmation=True):
-        """Make torch (through the PyTorch extension) and small packages importable; False if declined."""
+    def missingDependencies(self):
+        """What must be installed before the model can run ([] when ready); refuses a too old PyTorch."""
+        import importlib.util
+
+        missing = []
         try:
-            import torch  # noqa: F401
+            import torch
         except ImportError:
+            missing.append("PyTorch")
+        else:
+            checkTorchVersion(torch.__version__)
+        missing += [requirement for module, requirement in PIP_REQUIREMENTS if importlib.util.find_spec(module) is None]
+        return missing
+
+    def ensureDependencies(self, askConfirmation=True):
+        """Install what is missing after one confirmation; False if the user declined.
+
+        PyTorch comes from the PyTorch extension (PyTorchUtils picks the CPU or CUDA build), never
+        from a bare pip install; the small packages come from pip.
+        """
+        missing = self.missingDependencies()
+        if not missing:
+            return True
+        needTorch = "PyTorch" in missing
+        if needTorch:
             try:
                 import PyTorchUtils
             except ImportError as exc:
                 raise RuntimeError(
-                    _("This module needs the PyTorch extension: install it from the Extensions Manager.")
+                    _(
+                        "This module needs the PyTorch extension: install it from the Extensions Manager, "
+                        "restart Slicer and click Apply again."
+                    )
                 ) from exc
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation) is None:
-                return False
-        missing = []
-        for module, package in (("safetensors", "safetensors"), ("pydicom", "pydicom")):
-            try:
-                __import__(module)
-            except ImportError:
-                missing.append(package)
-        if missing:
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                _("LiverSegUNet needs these Python packages: {packages}. Install them now?").format(
-                    packages=", ".join(missing)
-                )
-            ):
-                return False
-            slicer.util.pip_install(missing)
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _(
+                "Liver Seg UNet needs {packages} on first use. Download and install now? "
+                "(PyTorch is installed by the PyTorch extension, about 200 MB for the CPU build and more "
+                "for CUDA; this can take several minutes.)"
+            ).format(packages=", ".join(missing)),
+            windowTitle=_("Install dependencies"),
+        ):
+            logging.info("LiverSegUNet: installation of %s declined", ", ".join(missing))
+            return False
+        if needTorch:
+            minimum = ".".join(str(v) for v in TORCH_MINIMUM)
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=f">={minimum}"
+            )
+            if torch is None:
+                raise RuntimeError(_("PyTorch could not be installed; the Python console log says why."))
+            checkTorchVersion(torch.__version__)
+        packages = [requirement for requirement in missing if requirement != "PyTorch"]
+        if packages:
+            slicer.util.pip_install(packages)
         return True
 
     def model(self, device):
@@ -333,6 +444,25 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
             array.copy(), spacing, ijkToLps[:3, 3], ijkToLps[:3, :3] / spacing, {"node": volumeNode.GetName()}
         )
 
+    @staticmethod
+    def volumeNodeFromVolume(volume, name):
+        """A new scalar volume node holding a LiverSegUNetLib Volume (voxels copied, geometry in RAS)."""
+        return slicer.util.addVolumeFromArray(
+            np.ascontiguousarray(volume.array), RAS_FROM_LPS @ volume.ijk_to_lps(), name=name
+        )
+
+    def loadSampleVolume(self):
+        """Load the bundled sample CT (20 contrast-enhanced abdominal slices) as a new volume node."""
+        from LiverSegUNetLib.io import read_volume
+        from LiverSegUNetLib.sample import SAMPLE_NAME, sample_ct_path
+
+        node = self.volumeNodeFromVolume(read_volume(sample_ct_path()), slicer.mrmlScene.GenerateUniqueName(SAMPLE_NAME))
+        displayNode = node.GetDisplayNode()
+        if displayNode is not None:  # abdomen window
+            displayNode.SetAutoWindowLevel(False)
+            displayNode.SetWindowLevel(400, 40)
+        return node
+
     # -- running ----------------------------------------------------------------------------
     def startJob(self, inputVolume, outputSegmentation=None, device="auto", postprocess=True):
         """Copy the input and start segmenting in a worker thread; call ``finishJob`` when it ends.
@@ -342,7 +472,7 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         from LiverSegUNetLib.inference import check_ct, resolve_device
 
         volume = self.volumeFromNode(inputVolume)
-        check_ct(volume)
+        check_ct(volume)  # refused here, in the main thread, before a worker starts
         device = resolve_device(device)
         model = self.model(device)
         job = SegmentationJob(inputVolume, outputSegmentation, volume, device, postprocess)
@@ -395,15 +525,19 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
     def process(
         self, inputVolume, outputSegmentation=None, device="auto", postprocess=True, progress=None, cancel=None
     ):
-        """Segment synchronously (console and tests); returns the stats dict, or None if cancelled."""
-        job = self.startJob(inputVolume, outputSegmentation, device, postprocess)
-        while job.thread.is_alive():
-            job.thread.join(0.05)
+        """Segment synchronously (console and tests) through the same JobMonitor the Apply button drives.
+
+        Returns the stats dict, or None if cancelled; ``progress(stage, fraction)`` is called each tick.
+        """
+        monitor = JobMonitor(self, self.startJob(inputVolume, outputSegmentation, device, postprocess))
+        while not monitor.tick():
             if progress:
-                progress(*job.progress)
+                progress(*monitor.job.progress)
             if cancel and cancel():
-                job.cancel.set()
-        return self.finishJob(job)
+                monitor.cancel()
+        if monitor.error is not None:
+            raise monitor.error
+        return monitor.stats
 
     def newSegmentationNode(self, inputVolume):
         """An empty segmentation node named after the input volume."""
@@ -464,7 +598,7 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
 
 
 class LiverSegUNetTest(ScriptedLoadableModuleTest):
-    """Segments a real 3D-IRCADb patient loaded as a volume node and checks the result against the expert mask."""
+    """Segments the bundled sample CT (everywhere) and a real 3D-IRCADb patient (when its data is present)."""
 
     PATIENT = "3Dircadb1.17"
 
@@ -472,38 +606,29 @@ class LiverSegUNetTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        """What Slicer's Reload and Test runs: the sample CT always; the 3D-IRCADb patient if present."""
         self.setUp()
-        self.test_segment_real_patient()
+        self.test_segment_sample_ct()
+        if self._patientFolder().is_dir() or os.environ.get("CI", "").lower() == "true":
+            self.setUp()
+            self.test_segment_real_patient()
+        else:
+            self.delayDisplay(f"Skipped the 3D-IRCADb test: {self._missingPatientMessage()}")
 
-    def _patient(self):
-        from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
+    def _patientFolder(self):
+        from LiverSegUNetLib.io.ircadb import default_data_root
 
-        folder = default_data_root() / "3Dircadb1" / self.PATIENT
-        if not folder.is_dir():
-            message = (
-                f"3D-IRCADb-01 patient {self.PATIENT} not found at {folder}: download 3D-IRCADb-01 from IRCAD "
-                "and set LIVERSEG_DATA to the folder holding 3Dircadb1/"
-            )
-            if os.environ.get("CI", "").lower() == "true":
-                self.fail(message)
-            self.skipTest(message)
-        return IrcadbPatient(folder)
+        return default_data_root() / "3Dircadb1" / self.PATIENT
 
-    def test_segment_real_patient(self):
-        from LiverSegUNetLib.metrics import dice
+    def _missingPatientMessage(self):
+        return (
+            f"3D-IRCADb-01 patient {self.PATIENT} not found at {self._patientFolder()}: download 3D-IRCADb-01 from "
+            "IRCAD and set LIVERSEG_DATA to the folder holding 3Dircadb1/"
+        )
+
+    def _assertLiverSegment(self, segmentationNode):
         from LiverSegUNetLib.terminology import LIVER
 
-        patient = self._patient()
-        ct = patient.ct
-        self.delayDisplay(f"Loading {patient.name} as a volume node")
-        volumeNode = slicer.util.addVolumeFromArray(ct.array, name=patient.name)
-        ijkToRas = RAS_FROM_LPS @ ct.ijk_to_lps()
-        volumeNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRas))
-        logic = LiverSegUNetLogic()
-        segmentationNode = logic.newSegmentationNode(volumeNode)
-        self.delayDisplay("Segmenting")
-        stats = logic.process(volumeNode, segmentationNode, device="cpu")
-        self.assertIsNotNone(stats)
         segmentation = segmentationNode.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), 1)
         segmentId = segmentation.GetSegmentIdBySegmentName("Liver")
@@ -512,6 +637,56 @@ class LiverSegUNetTest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(segment.GetColor(), LIVER.color, atol=1e-6)
         self.assertIn("SCT^10200004^Liver", segment.GetTerminology())
         self.assertIn("SCT^123037004^Anatomical Structure", segment.GetTerminology())
+        return segmentId
+
+    def test_segment_sample_ct(self):
+        """The bundled sample CT: a liver in every slice, on the patient's right, of a plausible size."""
+        logic = LiverSegUNetLogic()
+        self.delayDisplay("Loading the sample CT")
+        volumeNode = logic.loadSampleVolume()
+        self.delayDisplay("Segmenting")
+        stats = logic.process(volumeNode, device="cpu")
+        self.assertIsNotNone(stats)
+        segmentationNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+        segmentId = self._assertLiverSegment(segmentationNode)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        ct = slicer.util.arrayFromVolume(volumeNode)
+        self.assertEqual(mask.shape, ct.shape)
+        self.assertTrue(mask.any(axis=(1, 2)).all(), "the liver is in every slice of the sample")
+        # 40 mm slab of the upper abdomen: hundreds of ml (645 ml with the bundled model), not a speck or the body
+        self.assertTrue(300 < stats["volume_ml"] < 1000, stats["volume_ml"])
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        ijkToRas = slicer.util.arrayFromVTKMatrix(ijkToRas)
+
+        def centreRas(selection):
+            k, j, i = np.nonzero(selection)
+            return (ijkToRas @ np.array([i.mean(), j.mean(), k.mean(), 1.0]))[:3]
+
+        liver, body = centreRas(mask), centreRas(ct > -300)
+        self.assertGreater(liver[0], body[0] + 30, "the liver lies on the patient's right (+R in RAS)")
+        liverHu = ct[mask > 0]
+        self.assertTrue(40 < np.median(liverHu) < 200, "contrast-enhanced liver tissue, not fat, air or bone")
+        self.delayDisplay(f"Sample CT: liver {stats['volume_ml']:.1f} ml")
+
+    def test_segment_real_patient(self):
+        from LiverSegUNetLib.io.ircadb import IrcadbPatient
+        from LiverSegUNetLib.metrics import dice
+
+        if not self._patientFolder().is_dir():
+            if os.environ.get("CI", "").lower() == "true":
+                self.fail(self._missingPatientMessage())
+            self.skipTest(self._missingPatientMessage())
+        patient = IrcadbPatient(self._patientFolder())
+        ct = patient.ct
+        self.delayDisplay(f"Loading {patient.name} as a volume node")
+        logic = LiverSegUNetLogic()
+        volumeNode = logic.volumeNodeFromVolume(ct, patient.name)
+        segmentationNode = logic.newSegmentationNode(volumeNode)
+        self.delayDisplay("Segmenting")
+        stats = logic.process(volumeNode, segmentationNode, device="cpu")
+        self.assertIsNotNone(stats)
+        segmentId = self._assertLiverSegment(segmentationNode)
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
         self.assertEqual(mask.shape, ct.shape)
         score = dice(mask, patient.mask("liver").array)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import TEST_PATIENT
@@ -211,3 +213,100 @@ def test_deleting_the_input_or_closing_the_scene_during_a_run_ends_cleanly(scene
     job = logic.startJob(node, seg, device="cpu")
     slicer.mrmlScene.Clear()
     assert logic.finishJob(job) is None
+
+
+class _Dialogs:
+    """Stand-ins for the confirmation dialog and pip, recording what the Logic asks for."""
+
+    def __init__(self, answer):
+        self.answer, self.asked, self.pip = answer, [], []
+
+    def confirm(self, text, **kwargs):
+        self.asked.append(text)
+        return self.answer
+
+
+@pytest.fixture()
+def nothing_installed(monkeypatch):
+    """A Slicer without torch and without one small package, with the PyTorch extension present."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    monkeypatch.setattr(LiverSegUNet, "PIP_REQUIREMENTS", (("liverseg_absent_pkg", "liverseg-absent-pkg>=1"),))
+    calls = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, **kwargs):
+            calls.append(kwargs)
+            return types.SimpleNamespace(__version__="2.5.1+cpu")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    return calls
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_first_use_asks_once_then_installs_torch_with_a_version_floor(nothing_installed, monkeypatch, answer):
+    dialogs = _Dialogs(answer)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", dialogs.confirm, raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", dialogs.pip.append, raising=False)
+    logic = LiverSegUNetLogic()
+    assert logic.missingDependencies() == ["PyTorch", "liverseg-absent-pkg>=1"]
+    assert logic.ensureDependencies(askConfirmation=True) is answer
+    assert len(dialogs.asked) == 1 and "PyTorch, liverseg-absent-pkg>=1" in dialogs.asked[0]
+    if answer:
+        assert nothing_installed == [{"askConfirmation": False, "torchVersionRequirement": ">=2.1"}]
+        assert dialogs.pip == [["liverseg-absent-pkg>=1"]]
+    else:
+        assert nothing_installed == [] and dialogs.pip == []
+
+
+def test_without_the_pytorch_extension_the_error_says_to_install_it(nothing_installed, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
+    dialogs = _Dialogs(True)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", dialogs.confirm, raising=False)
+    with pytest.raises(RuntimeError, match="PyTorch extension.*Extensions Manager"):
+        LiverSegUNetLogic().ensureDependencies()
+    assert dialogs.asked == []
+
+
+@pytest.mark.parametrize("version, ok", [("1.13.1+cu117", False), ("2.0.1", False), ("2.1.0", True), ("2.13.0+cpu", True)])
+def test_an_old_torch_is_refused_with_what_to_do(monkeypatch, version, ok):
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", version)
+    if ok:
+        assert LiverSegUNetLogic().missingDependencies() == []
+    else:
+        with pytest.raises(RuntimeError, match=rf"PyTorch {re.escape(version)} is installed.*2\.1 or newer.*uninstall"):
+            LiverSegUNetLogic().missingDependencies()
+
+
+def test_reload_and_test_passes_without_the_3dircadb_data(monkeypatch, tmp_path):
+    """Slicer's Reload and Test calls runTest(): without the patients it runs the sample CT test and passes."""
+    monkeypatch.setenv("LIVERSEG_DATA", str(tmp_path))
+    monkeypatch.delenv("CI", raising=False)
+    test = LiverSegUNet.LiverSegUNetTest()
+    ran = []
+    monkeypatch.setattr(test, "test_segment_sample_ct", lambda: ran.append("sample"))
+    monkeypatch.setattr(test, "test_segment_real_patient", lambda: ran.append("patient"))
+    test.runTest()
+    assert ran == ["sample"]
+    monkeypatch.setenv("CI", "true")
+    test.runTest()
+    assert ran == ["sample", "sample", "patient"]  # under CI the patient test runs (and fails without data)
+
+
+def test_load_sample_ct_gives_a_ct_volume_node_with_its_dicom_geometry(scene):
+    from LiverSegUNetLib.io import read_volume
+    from LiverSegUNetLib.sample import sample_ct_path
+
+    node = LiverSegUNetLogic().loadSampleVolume()
+    volume = read_volume(sample_ct_path())
+    assert node.GetName() == "LiverSegUNet sample CT"
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), volume.array)
+    assert node.GetSpacing() == pytest.approx(tuple(volume.spacing_mm))
+    back = LiverSegUNetLogic.volumeFromNode(node)
+    np.testing.assert_allclose(back.ijk_to_lps(), volume.ijk_to_lps(), atol=1e-6)

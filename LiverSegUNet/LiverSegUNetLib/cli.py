@@ -44,6 +44,12 @@ def _segment(args: argparse.Namespace) -> int:
     from .pipeline import segment_batch
     from .weights import load_model
 
+    if args.sample:
+        from .sample import sample_ct_path
+
+        args.input = [sample_ct_path(), *args.input]
+    if not args.input:
+        raise InputError("no input given: name a CT (DICOM folder, NRRD/NIfTI file, ...), or use --sample")
     device = resolve_device(args.device)
     t = time.perf_counter()
     model = load_model(args.model, device=device)
@@ -202,8 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "input",
         type=Path,
-        nargs="+",
+        nargs="*",
         help="CT(s): DICOM folder, 3D-IRCADb patient folder, NRRD/NIfTI file, or a folder of such studies",
+    )
+    seg.add_argument(
+        "--sample",
+        action="store_true",
+        help="also segment the bundled sample CT (20 contrast-enhanced slices, TotalSegmentator example, "
+        "Apache-2.0 / CC BY 4.0)",
     )
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
     seg.add_argument("--format", default="seg.nrrd", help="comma-separated: seg.nrrd, nifti (default: seg.nrrd)")
