@@ -456,7 +456,9 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         from LiverSegUNetLib.io import read_volume
         from LiverSegUNetLib.sample import SAMPLE_NAME, sample_ct_path
 
-        node = self.volumeNodeFromVolume(read_volume(sample_ct_path()), slicer.mrmlScene.GenerateUniqueName(SAMPLE_NAME))
+        node = self.volumeNodeFromVolume(
+            read_volume(sample_ct_path()), slicer.mrmlScene.GenerateUniqueName(SAMPLE_NAME)
+        )
         displayNode = node.GetDisplayNode()
         if displayNode is not None:  # abdomen window
             displayNode.SetAutoWindowLevel(False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -141,3 +142,31 @@ def test_bench_measures_our_pipeline_in_a_fresh_process(ircadb_root):
     assert abs(sum(row["stages_s"].values()) - row["seconds"]) < 0.5  # the stages account for the total
     text = bench.table({TEST_PATIENT: {"ours": [row]}}, bench.machine(), "liverseg bench")
     assert f"| {TEST_PATIENT} | ours | 119 | 1 |" in text and "1.0x" in text
+
+
+def test_readme_command_one_segments_the_bundled_sample_without_any_data(tmp_path):
+    """README set-up command 1 (`liverseg segment --sample -o out`) on a machine without 3D-IRCADb."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert ".venv/bin/liverseg segment --sample -o out\n" in readme
+    env = {**os.environ, "LIVERSEG_DATA": str(tmp_path / "no_data_here")}
+    proc = subprocess.run(
+        [LIVERSEG, "segment", "--sample", "-o", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("totalseg_example_ct: liver ") and " ml in 20 slices" in proc.stdout
+    summary = json.loads((tmp_path / "out" / "totalseg_example_ct.summary.json").read_text())
+    assert 300 < summary["liver_volume_ml"] < 1000
+    seg, (segment,) = read_seg_nrrd(tmp_path / "out" / "totalseg_example_ct.seg.nrrd")
+    assert segment["Name"] == "Liver" and seg.shape == (20, 512, 512)
+
+
+def test_segment_without_input_says_what_to_give(tmp_path, capsys):
+    assert main(["segment", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no input given" in err and "--sample" in err
+    assert not (tmp_path / "out").exists()

@@ -18,16 +18,31 @@ def _cmake_set(text: str, name: str) -> list[str]:
     return match.group(1).split()
 
 
+def _cmake_globs(text: str) -> dict[str, set[str]]:
+    """``file(GLOB VAR RELATIVE ${CMAKE_CURRENT_SOURCE_DIR} pattern)`` lines, expanded as CMake would."""
+    globs = {}
+    for var, pattern in re.findall(r"file\(GLOB (\w+) RELATIVE \$\{CMAKE_CURRENT_SOURCE_DIR\} (\S+)\)", text):
+        pattern = pattern.replace("${MODULE_NAME}", "LiverSegUNet")
+        globs[var] = {str(p.relative_to(MODULE)) for p in MODULE.glob(pattern) if p.is_file()}
+    return globs
+
+
 def test_module_cmake_lists_every_script_and_resource():
     text = (MODULE / "CMakeLists.txt").read_text()
+    globs = _cmake_globs(text)
     listed = {s.replace("${MODULE_NAME}", "LiverSegUNet") for s in _cmake_set(text, "MODULE_PYTHON_SCRIPTS")}
-    resources = {s.replace("${MODULE_NAME}", "LiverSegUNet") for s in _cmake_set(text, "MODULE_PYTHON_RESOURCES")}
+    resources = set()
+    for token in _cmake_set(text, "MODULE_PYTHON_RESOURCES"):
+        variable = re.fullmatch(r"\$\{(\w+)\}", token)
+        resources |= globs[variable.group(1)] if variable else {token.replace("${MODULE_NAME}", "LiverSegUNet")}
+    assert len(globs["MODULE_SAMPLE_CT"]) == 20
     on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
     assert listed == on_disk
     for r in resources:
         assert (MODULE / r).is_file(), r
     shipped = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file()}
-    shipped |= {str(p.relative_to(MODULE)) for p in (MODULE / "LiverSegUNetLib" / "models").iterdir()}
+    for data in ("models", "sample_data"):
+        shipped |= {str(p.relative_to(MODULE)) for p in (MODULE / "LiverSegUNetLib" / data).rglob("*") if p.is_file()}
     assert shipped == resources
     assert "WITH_GENERIC_TESTS" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
@@ -88,4 +103,44 @@ def test_module_file_imports_nothing_heavy_at_file_scope():
             top |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             top.add((node.module or "").split(".")[0])
-    assert top <= {"logging", "os", "threading", "time", "numpy", "slicer", "vtk"}, top
+    assert top <= {"logging", "os", "re", "threading", "time", "numpy", "slicer", "vtk"}, top
+
+
+def test_screenshots_are_in_the_repository_and_the_readme():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', text).group(1).split()
+    readme = (ROOT / "README.md").read_text()
+    assert len(urls) >= 1
+    import SimpleITK as sitk
+
+    for url in urls:
+        path = url.rsplit("/main/", 1)[1]
+        assert (ROOT / path).is_file(), path
+        assert sitk.ReadImage(str(ROOT / path)).GetSize()[0] >= 800
+        assert path in readme, f"{path} is not shown in the README"
+
+
+def test_bundled_sample_ct_matches_its_checksums_and_keeps_its_license():
+    import hashlib
+
+    data = MODULE / "LiverSegUNetLib" / "sample_data"
+    sums = dict(line.split()[::-1] for line in (data / "SHA256SUMS").read_text().splitlines() if line.strip())
+    files = {str(p.relative_to(data)) for p in (data / "totalseg_example_ct").iterdir()}
+    assert files == set(sums) and len(files) == 20
+    for name, digest in sums.items():
+        assert hashlib.sha256((data / name).read_bytes()).hexdigest() == digest, name
+    assert "Apache License" in (data / "LICENSE-TotalSegmentator.txt").read_text()
+    from LiverSegUNetLib.sample import ATTRIBUTION
+
+    assert ATTRIBUTION in (data / "README.md").read_text()
+    assert ATTRIBUTION in (ROOT / "README.md").read_text()
+
+
+def test_the_command_line_imports_where_resource_is_missing():
+    """Windows has no ``resource`` module: the CLI (which lists the bench methods) must still import."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['resource'] = None; import LiverSegUNetLib.cli as c; c.build_parser(); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"

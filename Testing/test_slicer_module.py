@@ -272,7 +272,9 @@ def test_without_the_pytorch_extension_the_error_says_to_install_it(nothing_inst
     assert dialogs.asked == []
 
 
-@pytest.mark.parametrize("version, ok", [("1.13.1+cu117", False), ("2.0.1", False), ("2.1.0", True), ("2.13.0+cpu", True)])
+@pytest.mark.parametrize(
+    "version, ok", [("1.13.1+cu117", False), ("2.0.1", False), ("2.1.0", True), ("2.13.0+cpu", True)]
+)
 def test_an_old_torch_is_refused_with_what_to_do(monkeypatch, version, ok):
     import torch
 

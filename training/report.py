@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def write_report(runs: Path, out: Path) -> Path:
         "# Training results: scratch vs bone-to-liver transfer, leave-one-patient-out",
         "",
         "Written by `python training/report.py` from the runs of `python training/experiments.py`",
-        f"({datetime.now(timezone.utc):%Y-%m-%d}). Every patient of 3D-IRCADb-01 found in the data folder is held",
+        f"({datetime.now(UTC):%Y-%m-%d}). Every patient of 3D-IRCADb-01 found in the data folder is held",
         "out once; the others train. Metrics are 3D, on the held-out patient's original grid, after the",
         "product's postprocessing (largest component, hole filling; none for bone), computed by",
         "`LiverSegUNetLib.metrics`. Mean ± standard deviation over the held-out patients.",

@@ -23,10 +23,10 @@ import platform
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
-import tomllib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

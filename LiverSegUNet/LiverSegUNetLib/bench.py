@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,13 @@ STACKED = "ours_stacked"
 
 
 def _peak_mb() -> float:
+    """Peak resident memory of this process in MB (POSIX ``getrusage``; the module still imports on Windows)."""
+    try:
+        import resource
+    except ImportError as exc:
+        from .errors import InputError
+
+        raise InputError("liverseg bench measures peak memory with getrusage, which needs Linux or macOS") from exc
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

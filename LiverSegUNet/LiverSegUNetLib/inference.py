@@ -42,7 +42,7 @@ def resolve_device(device: str = "auto") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device in ("gpu", "cuda") or device.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise InputError(f"device '{device}' requested but no CUDA GPU is available; use --device cpu")
+            raise InputError(f"device '{device}' requested but no CUDA GPU is available; choose the device cpu or auto")
         return "cuda" if device == "gpu" else device
     if device != "cpu":
         raise InputError(f"unknown device '{device}'; use auto, cpu or cuda")
