@@ -31,8 +31,9 @@ DEVICES = ("auto", "cpu", "cuda")
 LIVER_SEGMENT_ID = "Liver"
 #: Oldest PyTorch the core runs on (the package's own requirement is torch>=2.1,<3).
 TORCH_MINIMUM = (2, 1)
-#: Small packages the core imports besides torch and numpy (pydicom ships with Slicer; checked anyway).
-PIP_REQUIREMENTS = (("safetensors", "safetensors>=0.4"), ("pydicom", "pydicom>=2.4"))
+#: Small packages the core imports besides torch and numpy (pydicom ships with Slicer; checked anyway);
+#: pillow decodes JPEG 2000 DICOM such as the bundled sample CT.
+PIP_REQUIREMENTS = (("safetensors", "safetensors>=0.4"), ("pydicom", "pydicom>=2.4"), ("PIL", "pillow>=10"))
 
 
 class LiverSegUNet(ScriptedLoadableModule):
@@ -172,6 +173,8 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
 
     def onLoadSampleButton(self):
         with slicer.util.tryWithErrorDisplay(_("Could not load the sample CT."), waitCursor=True):
+            if not self.logic.ensureDependencies(askConfirmation=True):  # what Apply will need, asked once
+                return
             node = self.logic.loadSampleVolume()
             slicer.util.setSliceViewerLayers(background=node, fit=True)
             self.ui.inputVolumeSelector.setCurrentNode(node)

@@ -144,3 +144,21 @@ def test_the_command_line_imports_where_resource_is_missing():
     code = "import sys; sys.modules['resource'] = None; import LiverSegUNetLib.cli as c; c.build_parser(); print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_the_sample_ct_decodes_with_the_package_s_own_requirements():
+    """The sample is JPEG 2000 compressed: the package must require the decoder pydicom uses for it (pillow)."""
+    import importlib.metadata
+
+    import pydicom
+
+    requirements = {
+        re.split(r"[<>=!;\s\[]", r, maxsplit=1)[0].lower() for r in importlib.metadata.requires("liversegunet")
+    }
+    assert "pillow" in requirements
+    first = sorted((MODULE / "LiverSegUNetLib" / "sample_data" / "totalseg_example_ct").iterdir())[0]
+    ds = pydicom.dcmread(first)
+    assert ds.file_meta.TransferSyntaxUID.is_compressed
+    if hasattr(ds, "pixel_array_options"):  # pydicom 3: decode with pillow only, not whatever else is installed
+        ds.pixel_array_options(decoding_plugin="pillow")
+    assert ds.pixel_array.shape == (512, 512)
