@@ -111,6 +111,7 @@ class _Fake:
 
     def __init__(self, n, tag):
         self.images = torch.full((n, 8, 8), float(tag))
+        self.unenhanced = None
 
 
 def test_subset_is_reproducible_and_from_training_patients_only():
@@ -124,7 +125,8 @@ def test_subset_is_reproducible_and_from_training_patients_only():
     plan = Plan(multiple=4)
     for ps in train_set:
         ps.labels = torch.zeros_like(ps.images)
-    x, _ = train.make_batch(train_set, a[:6], plan, 8, np.random.default_rng(0))
+    aug = {"unenhanced_p": 0.0, "thick_p": 0.5, "thick_slices": [2, 3]}
+    x, _ = train.make_batch(train_set, a[:6], plan, 8, np.random.default_rng(0), aug)
     assert set(torch.unique(x).tolist()) <= {1.0, 2.0}
 
 

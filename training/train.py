@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LiverSegUNet"))
+sys.path.insert(0, str(ROOT))  # run as ``python training/train.py``: the training package beside it
 
 from LiverSegUNetLib import metrics  # noqa: E402
 from LiverSegUNetLib.cli import ProgressBar  # noqa: E402
@@ -41,6 +42,8 @@ from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root  # noqa: 
 from LiverSegUNetLib.model import UNet2D  # noqa: E402
 from LiverSegUNetLib.preprocess import Plan, Reorientation, SliceGrid, to_model_grid, with_context  # noqa: E402
 from LiverSegUNetLib.weights import LoadedModel, load_model, save_model  # noqa: E402
+
+from training import appearance  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -76,9 +79,13 @@ def plan_of(cfg: dict) -> Plan:
 
 
 class PatientSlices:
-    """One patient's slices and labels on the model grid, held in memory as float16."""
+    """One patient's slices and labels on the model grid, held in memory as float16.
 
-    def __init__(self, patient: IrcadbPatient, organ: str, plan: Plan):
+    With ``unenhanced``, also the same slices without contrast enhancement (``appearance.unenhanced_hu``
+    with the patient's organ masks), which training blends in with a random weight.
+    """
+
+    def __init__(self, patient: IrcadbPatient, organ: str, plan: Plan, unenhanced: bool = False):
         ct, mask = patient.ct, patient.mask(organ)
         reorient = Reorientation(ct)
         grid = SliceGrid.for_slices(ct.shape[1:], reorient.spacing(ct)[:2], plan)
@@ -87,10 +94,28 @@ class PatientSlices:
         self.name = patient.name
         self.images = prepare_slices(hu, grid, plan).half()
         self.labels = to_model_grid(lab.float(), grid).half()
+        self.unenhanced = None
+        if unenhanced:
+            masks = {n: patient.mask(n).array for n in appearance.MASK_NAMES if n in patient.organs}
+            labels, names = appearance.structure_labels(ct.shape, masks)
+            rng = np.random.default_rng(sum(map(ord, patient.name)))
+            plain = appearance.unenhanced_hu(ct.array, labels, names, masks.get("bone"), rng)
+            plain = torch.from_numpy(np.ascontiguousarray(reorient.forward(plain)))
+            self.unenhanced = prepare_slices(plain, grid, plan).half()
 
-    def sample(self, k: int, context: int) -> torch.Tensor:
-        """``(2 * context + 2, H, W)``: slice ``k`` with its neighbours as channels, then its label."""
-        return torch.cat([with_context(self.images, torch.tensor([k]), context)[0], self.labels[k : k + 1]])
+    def sample(self, k: int, context: int, unenhanced: float = 0.0, slab: int = 1) -> torch.Tensor:
+        """``(2 * context + 2, H, W)``: slice ``k`` with its neighbours as channels, then its label.
+
+        ``unenhanced`` (0..1) blends in the contrast-free slices; ``slab`` > 1 averages ``slab``
+        contiguous slices per channel, neighbours one slab apart, as a CT with thick slices shows them.
+        """
+        offsets = (torch.arange(-context, context + 1) * slab)[:, None] + (torch.arange(slab) - (slab - 1) // 2)[None]
+        index = (k + offsets).clamp(0, self.images.shape[0] - 1)  # (channels, slab)
+        x = self.images[index].float().mean(1)
+        if unenhanced > 0 and self.unenhanced is not None:
+            x = (1 - unenhanced) * x + unenhanced * self.unenhanced[index].float().mean(1)
+        y = self.labels[index[context]].float().mean(0, keepdim=True)
+        return torch.cat([x, y])
 
 
 def _radiological(name: str, image: np.ndarray) -> np.ndarray:
@@ -125,16 +150,24 @@ class ExtraSlices:
             mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "masks" / f.name)))
             images.append(_radiological(f.name, image[..., 0] if image.ndim == 3 else image))
             labels.append(_radiological(f.name, mask[..., 0] if mask.ndim == 3 else mask) > 127)
-        hu = torch.from_numpy(np.stack(images).astype(np.float32))
+        hu = np.stack(images).astype(np.float32)
+        liver = np.stack(labels)
         grid = SliceGrid.for_slices(hu.shape[1:], (pixel_mm, pixel_mm), plan)
         self.name = folder.name
         self.cases = sorted({f.name.split("_")[1] for f in files})
-        self.images = prepare_slices(hu, grid, plan).half()
-        self.labels = to_model_grid(torch.from_numpy(np.stack(labels)).float(), grid).half()
+        self.images = prepare_slices(torch.from_numpy(hu), grid, plan).half()
+        self.labels = to_model_grid(torch.from_numpy(liver).float(), grid).half()
+        # Contrast removed with the liver mask only; the 8-bit storage clips at 255 HU, so that is bone.
+        plain = appearance.unenhanced_hu(hu, liver.astype(np.uint8), ["liver"], hu >= 250, np.random.default_rng(0))
+        self.unenhanced = prepare_slices(torch.from_numpy(plain), grid, plan).half()
 
-    def sample(self, k: int, context: int) -> torch.Tensor:
-        """``(2 * context + 2, H, W)``: slice ``k`` repeated as its own neighbours, then its label."""
-        return torch.cat([self.images[k : k + 1].expand(2 * context + 1, -1, -1), self.labels[k : k + 1]])
+    def sample(self, k: int, context: int, unenhanced: float = 0.0, slab: int = 1) -> torch.Tensor:
+        """``(2 * context + 2, H, W)``: slice ``k`` repeated as its own neighbours, then its label
+        (``unenhanced`` blends in the contrast-free slice; a single slice has no slab to average)."""
+        x = self.images[k : k + 1].float()
+        if unenhanced > 0:
+            x = (1 - unenhanced) * x + unenhanced * self.unenhanced[k : k + 1].float()
+        return torch.cat([x.expand(2 * context + 1, -1, -1), self.labels[k : k + 1].float()])
 
 
 def training_samples(train: list[PatientSlices], fraction: float, subset_seed: int) -> list[tuple[int, int]]:
@@ -158,11 +191,19 @@ def crop_or_pad(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.T
     return x[..., top : top + size, left : left + size]
 
 
-def make_batch(train, batch, plan: Plan, crop: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(B, C, crop, crop)`` with neighbouring-slice channels, and labels ``(B, 1, crop, crop)``."""
+def make_batch(train, batch, plan: Plan, crop: int, rng, aug: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(B, C, crop, crop)`` with neighbouring-slice channels, and labels ``(B, 1, crop, crop)``.
+
+    Per sample, with probability ``aug["unenhanced_p"]`` the contrast is removed by a random share
+    (uniform 0..1), and with probability ``aug["thick_p"]`` the slices are averaged into slabs of
+    one of ``aug["thick_slices"]`` slices.
+    """
     xs, ys = [], []
     for p, k in batch:
-        both = crop_or_pad(train[p].sample(k, plan.context), crop, rng)
+        # drawn only when enabled, so a config without these augmentations sees the same random stream as before
+        unenhanced = float(rng.uniform()) if aug["unenhanced_p"] > 0 and rng.uniform() < aug["unenhanced_p"] else 0.0
+        slab = int(rng.choice(aug["thick_slices"])) if aug["thick_p"] > 0 and rng.uniform() < aug["thick_p"] else 1
+        both = crop_or_pad(train[p].sample(k, plan.context, unenhanced, slab), crop, rng)
         xs.append(both[:-1])
         ys.append(both[-1:])
     return torch.stack(xs).float(), torch.stack(ys).float()
@@ -380,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     data_root = (args.data or default_data_root()) / "3Dircadb1"
 
     t0 = time.perf_counter()
-    train = [PatientSlices(IrcadbPatient(data_root / n), cfg["organ"], plan) for n in cfg["train_patients"]]
+    unenhanced = cfg["augment"]["unenhanced_p"] > 0
+    train = [PatientSlices(IrcadbPatient(data_root / n), cfg["organ"], plan, unenhanced) for n in cfg["train_patients"]]
     test = [IrcadbPatient(data_root / n) for n in cfg["test_patients"]]
     leaked = set(cfg["train_patients"]) & set(cfg["test_patients"])
     if leaked:
@@ -443,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             if extra is not None:  # drawn for every rank from the shared generator, each rank takes its row
                 picks = rng.integers(0, extra.images.shape[0], (world, cfg["batch_size"] - per_batch))[rank]
                 batch += [(len(train) - 1, int(k)) for k in picks]
-            x, y = augment(*make_batch(train, batch, plan, cfg["crop"], rng), cfg["augment"], gen)
+            x, y = augment(*make_batch(train, batch, plan, cfg["crop"], rng, cfg["augment"]), cfg["augment"], gen)
             losses.append(train_step(ddp, opt, sched, x, y, autocast, device))
             if bar:
                 bar(f"epoch {epoch}", (step + 1) / steps_per_epoch)

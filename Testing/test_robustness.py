@@ -1,0 +1,149 @@
+"""Robustness variants and augmentations on real patients: geometry kept in mm, masks aligned, HU where they belong."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from LiverSegUNetLib.volume import Volume  # noqa: E402
+from LiverSegUNetLib.weights import DEFAULT_MODEL  # noqa: E402
+
+from training import appearance  # noqa: E402
+
+
+def _centroid_lps(mask: Volume) -> np.ndarray:
+    k, j, i = np.nonzero(mask.array)
+    return (mask.ijk_to_lps() @ np.array([i.mean(), j.mean(), k.mean(), 1.0]))[:3]
+
+
+def _masks(p) -> dict[str, np.ndarray]:
+    return {n: p.mask(n).array for n in appearance.MASK_NAMES if n in p.organs}
+
+
+def test_slab_average_is_the_overlap_weighted_mean():
+    stack = np.arange(10, dtype=np.int16)[:, None, None] * np.ones((1, 4, 4), np.int16) * 10
+    volume = Volume(stack, (1.0, 1.0, 1.0))
+    thick = appearance.thick_slices(volume, 2.5)
+    # slab 0 covers [-0.5, 2.0): slices 0, 1 fully and half of slice 2 -> (0 + 10 + 0.5 * 20) / 2.5 = 8
+    assert thick.shape == (4, 4, 4) and thick.spacing_mm == (1.0, 1.0, 2.5)
+    # slab 1 covers [2.0, 4.5): half of slice 2, slices 3 and 4 -> (0.5 * 20 + 30 + 40) / 2.5 = 32
+    assert thick.array[0, 0, 0] == 8 and thick.array[1, 0, 0] == 32
+    assert thick.origin_lps[2] == pytest.approx(0.75)  # centre of [-0.5, 2.0)
+
+
+@pytest.mark.parametrize("mm", [3.0, 5.0])
+def test_thick_slices_keep_the_liver_in_place(patient, mm):
+    p = patient("3Dircadb1.17")
+    liver = p.mask("liver")
+    thick = appearance.thick_slices(liver, mm, is_mask=True)
+    ct = appearance.thick_slices(p.ct, mm)
+    assert ct.same_grid(thick) and ct.spacing_mm[2] == mm
+    assert thick.shape[0] * mm <= liver.shape[0] * liver.spacing_mm[2] + 1e-6
+    ml = liver.array.sum() * liver.voxel_volume_ml
+    assert thick.array.sum() * thick.voxel_volume_ml == pytest.approx(ml, rel=0.03)
+    assert np.linalg.norm(_centroid_lps(thick) - _centroid_lps(liver)) < 1.0
+    # averaging, not dropping: the thick CT's liver mean equals the thin CT's, its noise is lower
+    thin_hu = p.ct.array[liver.array > 0]
+    thick_hu = ct.array[thick.array > 0]
+    assert abs(float(np.median(thick_hu)) - float(np.median(thin_hu))) < 5
+    assert thick_hu.std() < thin_hu.std()
+
+
+def test_in_plane_pixels_keep_the_field_of_view_and_the_liver(patient):
+    p = patient("3Dircadb1.17")
+    liver = p.mask("liver")
+    coarse = appearance.in_plane_pixels(liver, 1.0, is_mask=True)
+    assert coarse.spacing_mm[:2] == (1.0, 1.0) and coarse.shape[0] == liver.shape[0]
+    for axis in (1, 2):  # field of view within one new pixel
+        assert abs(coarse.shape[axis] * 1.0 - liver.shape[axis] * liver.spacing_mm[2 - axis]) <= 1.0
+    ml = liver.array.sum() * liver.voxel_volume_ml
+    assert coarse.array.sum() * coarse.voxel_volume_ml == pytest.approx(ml, rel=0.02)
+    assert np.linalg.norm(_centroid_lps(coarse) - _centroid_lps(liver)) < 0.5
+
+
+def test_unenhanced_moves_enhanced_organs_and_leaves_air_fat_and_bone(patient):
+    p = patient("3Dircadb1.1")  # has liver, spleen, kidneys, vessels and bone masks
+    masks = _masks(p)
+    ct = p.ct.array
+    plain = appearance.unenhanced(p.ct, masks, np.random.default_rng(0)).array
+    median = {n: float(np.median(plain[masks[n] > 0])) for n in ("liver", "spleen", "portalvein", "rightkidney")}
+    assert 50 <= median["liver"] <= 60 and 40 <= median["spleen"] <= 50
+    vessels = np.logical_or.reduce([masks[n] > 0 for n in ("portalvein", "venoussystem", "artery")])
+    assert 35 <= float(np.median(plain[vessels])) <= 45
+    assert median["portalvein"] <= 50 < median["liver"]  # vessels darker than the liver, as without contrast
+    assert 25 <= median["rightkidney"] <= 40
+    for untouched in (ct < -900, (ct > -150) & (ct < -50), masks["bone"] > 0):
+        np.testing.assert_array_equal(plain[untouched], ct[untouched])
+    noise = plain[masks["liver"] > 0].std()
+    assert 0.5 * ct[masks["liver"] > 0].std() < noise  # the noise added back keeps the texture
+
+
+def test_low_dose_adds_the_stated_noise_reproducibly(patient):
+    ct = patient("3Dircadb1.17").ct
+    a = appearance.low_dose(ct, np.random.default_rng(1))
+    b = appearance.low_dose(ct, np.random.default_rng(1))
+    np.testing.assert_array_equal(a.array, b.array)
+    inside = (ct.array > -900) & (ct.array < 1000)
+    diff = a.array[inside].astype(np.float32) - ct.array[inside]
+    assert abs(diff.mean()) < 1 and diff.std() == pytest.approx(appearance.LOW_DOSE_NOISE_HU, rel=0.08)
+
+
+def test_training_samples_blend_the_unenhanced_slices_and_average_slabs(patient):
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    slices = train.PatientSlices(patient("3Dircadb1.7"), "liver", plan, unenhanced=True)
+    k = int(np.argmax(slices.labels.float().sum(dim=(1, 2))))  # the slice with the most liver
+    native, plain = slices.sample(k, 1), slices.sample(k, 1, unenhanced=1.0)
+    half = slices.sample(k, 1, unenhanced=0.5)
+    liver = native[-1] > 0.5
+    assert plain[1][liver].mean() < native[1][liver].mean() - 0.1  # ~115 HU -> ~55 HU in the 0..255 window
+    torch.testing.assert_close(half[:-1], (native[:-1] + plain[:-1]) / 2, atol=1e-3, rtol=0)
+    slab = slices.sample(k, 1, slab=3)
+    images = slices.images.float()
+    torch.testing.assert_close(slab[1], images[k - 1 : k + 2].mean(0))  # centre channel: slices k-1..k+1
+    torch.testing.assert_close(slab[0], images[k - 4 : k - 1].mean(0))  # neighbour: one slab (3 slices) away
+    assert 0 <= float(slab[-1].min()) and float(slab[-1].max()) <= 1
+
+
+def test_robustness_command_end_to_end(ircadb_root, tmp_path):
+    """One patient, one condition, the bundled model: the command's JSON and table."""
+    out = tmp_path / "robustness.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.robustness",
+            "--model",
+            str(DEFAULT_MODEL),
+            "--patients",
+            "3Dircadb1.17",
+            "--conditions",
+            "thick_5mm",
+            "--data",
+            str(ircadb_root.parent),
+            "-o",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    dice = result["results"][json.loads(DEFAULT_MODEL.read_text())["model_id"]]["thick_5mm"]["3Dircadb1.17"]
+    assert 0.8 < dice <= 1
+    table = out.with_suffix(".md").read_text()
+    assert "| thick_5mm |" in table and "not held out" in table

@@ -1,0 +1,173 @@
+"""CT appearance changes, in Hounsfield units and millimetres: contrast removed, thick slices, low-dose
+noise, another pixel size.
+
+They build the robustness variants of a held-out patient (``robustness.py``) and, with random
+strengths, the training augmentations (``train.py``).
+
+The unenhanced mapping. Every 3D-IRCADb CT is portal-venous phase: liver about 100-120 HU,
+spleen 115-120, portal vein and arteries 150-180, kidneys 170-200 (medians over the shared
+patients' expert masks). Without contrast, published attenuation is: liver 50-65 HU, spleen
+40-50, blood 35-45, renal cortex 30-35, with the liver brighter than the spleen and the vessels
+darker than the liver. The mapping moves each labelled structure so that its median sits at
+``UNENHANCED_HU`` and shrinks its spread around the median by ``STRUCTURE_CONTRAST`` (enhancement
+also widens the spread: hypodense tumours at 60 HU in a 110 HU liver become about 25 HU in a 55 HU
+one, as unenhanced metastases are). Enhanced tissue without a mask (bowel wall, pancreas, a
+spleen or kidney without a mask) above ``SOFT_TISSUE_HU`` is pulled towards it by
+``UNLABELLED_PULL``. Bone (its mask, or HU above ``BONE_HU`` where there is none), fat, air and
+lung (below ``FAT_HU``, also inside a mask's border) are left alone. Shrinking values also shrinks
+their noise, so white noise is added back to keep the image's noise level (``NOISE_HU`` before the
+change).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from LiverSegUNetLib.volume import Volume
+
+#: Median unenhanced attenuation the structures are moved to (HU).
+UNENHANCED_HU = {"liver": 55.0, "spleen": 45.0, "vessels": 40.0, "kidneys": 32.0}
+#: 3D-IRCADb mask names of each structure; a later name wins where masks overlap (vessels inside the liver).
+STRUCTURES = {
+    "liver": ("liver",),
+    "spleen": ("spleen",),
+    "kidneys": ("leftkidney", "rightkidney"),
+    "vessels": ("portalvein", "venoussystem", "artery", "aorta"),
+}
+#: Every 3D-IRCADb mask the mapping reads (bone is left unchanged; the rest are the structures above).
+MASK_NAMES = (*(n for names in STRUCTURES.values() for n in names), "bone")
+STRUCTURE_CONTRAST = 0.6
+SOFT_TISSUE_HU = 40.0
+UNLABELLED_PULL = 0.3
+BONE_HU = 300.0
+FAT_HU = -30.0
+NOISE_HU = 10.0
+#: Extra noise of a low-dose scan: a quarter of the dose doubles the ~12 HU of a standard abdominal CT.
+LOW_DOSE_NOISE_HU = 25.0
+
+
+def structure_labels(shape, masks: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    """A label map (0: none, n: the n-th structure of the returned list) from whichever 3D-IRCADb masks exist,
+    and a bone mask under the special name ``"bone"`` (from its mask when present)."""
+    labels = np.zeros(shape, np.uint8)
+    names = []
+    for structure, mask_names in STRUCTURES.items():
+        present = [masks[n] for n in mask_names if n in masks]
+        if present:
+            names.append(structure)
+            labels[np.logical_or.reduce([m > 0 for m in present])] = len(names)
+    return labels, names
+
+
+def unenhanced_hu(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    names: list[str],
+    bone: np.ndarray | None,
+    rng: np.random.Generator,
+    targets: dict[str, float] = UNENHANCED_HU,
+    contrast: float = STRUCTURE_CONTRAST,
+    pull: float = UNLABELLED_PULL,
+    noise_hu: float = NOISE_HU,
+) -> np.ndarray:
+    """``hu`` (any shape) as it would look without intravenous contrast (float32 HU); see the module docstring."""
+    out = hu.astype(np.float32, copy=True)
+    scale = np.ones(hu.shape, np.float32)
+    keep = hu > BONE_HU if bone is None else bone > 0
+    for index, name in enumerate(names, start=1):
+        inside = (labels == index) & (hu > FAT_HU) & ~keep  # fat, air or bone at a mask's border stay
+        if not inside.any():
+            continue
+        median = float(np.median(out[inside]))
+        out[inside] = targets[name] + contrast * (out[inside] - median)
+        scale[inside] = contrast
+    other = (labels == 0) & ~keep & (hu > SOFT_TISSUE_HU)
+    out[other] = SOFT_TISSUE_HU + pull * (out[other] - SOFT_TISSUE_HU)
+    scale[other] = pull
+    if noise_hu > 0:
+        changed = scale < 1
+        lost = noise_hu * np.sqrt(1 - scale[changed] ** 2)
+        out[changed] += lost * rng.standard_normal(int(changed.sum()), dtype=np.float32)
+    return out
+
+
+def unenhanced(ct: Volume, masks: dict[str, np.ndarray], rng: np.random.Generator) -> Volume:
+    """The CT without contrast enhancement, from its HU and the expert masks it has (see the module docstring)."""
+    labels, names = structure_labels(ct.shape, masks)
+    out = unenhanced_hu(ct.array, labels, names, masks.get("bone"), rng)
+    return ct.with_array(np.clip(np.round(out), -1024, 3071).astype(np.int16), appearance="unenhanced")
+
+
+def slab_weights(n: int, spacing_mm: float, thickness_mm: float) -> tuple[np.ndarray, float]:
+    """``(n_new, n)`` weights averaging contiguous slices into slabs of ``thickness_mm``, and the offset (mm)
+    of the first slab's centre from the first slice's centre. Each weight is the overlap of an old
+    slice (``spacing_mm`` thick) with a slab, over the slab's thickness."""
+    n_new = int(math.floor(n * spacing_mm / thickness_mm + 1e-6))
+    if n_new < 2:
+        raise ValueError(f"{n} slices of {spacing_mm} mm do not make two {thickness_mm} mm slabs")
+    low = -spacing_mm / 2 + np.arange(n_new) * thickness_mm  # slab lower edges, relative to slice 0's centre
+    old_low = np.arange(n) * spacing_mm - spacing_mm / 2
+    overlap = np.minimum(low[:, None] + thickness_mm, old_low[None, :] + spacing_mm) - np.maximum(
+        low[:, None], old_low[None, :]
+    )
+    return np.clip(overlap, 0, None) / thickness_mm, float(low[0] + thickness_mm / 2)
+
+
+def thick_slices(volume: Volume, thickness_mm: float, is_mask: bool = False) -> Volume:
+    """The volume re-sliced into contiguous slabs of ``thickness_mm`` by averaging (partial volume), in place in mm.
+
+    A mask is averaged too and kept where at least half of the slab is inside it.
+    """
+    weights, first_mm = slab_weights(volume.shape[0], volume.spacing_mm[2], thickness_mm)
+    flat = volume.array.reshape(volume.shape[0], -1)
+    out = np.empty((weights.shape[0], flat.shape[1]), np.float32)
+    for row, w in enumerate(weights):
+        used = np.flatnonzero(w)
+        out[row] = w[used] @ flat[used].astype(np.float32)
+    out = out.reshape(weights.shape[0], *volume.shape[1:])
+    array = (out >= 0.5).astype(np.uint8) if is_mask else np.round(out).astype(volume.array.dtype)
+    origin = np.asarray(volume.origin_lps) + volume.direction[:, 2] * first_mm
+    spacing = (*volume.spacing_mm[:2], thickness_mm)
+    return Volume(array, spacing, origin, volume.direction, {**volume.metadata, "slab_mm": thickness_mm})
+
+
+def in_plane_pixels(volume: Volume, pixel_mm: float, is_mask: bool = False) -> Volume:
+    """The volume resampled to ``pixel_mm`` square pixels over the same field of view (slices unchanged)."""
+    import SimpleITK as sitk
+    from LiverSegUNetLib.io.images import sitk_from_volume
+
+    image = sitk_from_volume(volume.with_array(volume.array.astype(np.float32)))
+    old = np.asarray(volume.spacing_mm)
+    spacing = np.array([pixel_mm, pixel_mm, old[2]])
+    size = [max(2, round(volume.shape[2 - a] * old[a] / spacing[a])) for a in range(3)]
+    # keep the field of view's edges: the first voxel centre moves by half the change of pixel size
+    origin = np.asarray(volume.origin_lps) + volume.direction @ ((spacing - old) / 2 * np.array([1, 1, 0]))
+    resampled = sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        origin.tolist(),
+        spacing.tolist(),
+        volume.direction.ravel().tolist(),
+    )
+    out = sitk.GetArrayFromImage(resampled)
+    array = (out >= 0.5).astype(np.uint8) if is_mask else np.round(out).astype(volume.array.dtype)
+    return Volume(array, tuple(spacing), origin, volume.direction, {**volume.metadata, "pixel_mm": pixel_mm})
+
+
+def correlated_noise(shape, sigma_hu: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise with CT-like in-plane texture (white noise blurred over about a pixel), std ``sigma_hu``."""
+    white = rng.standard_normal(shape, dtype=np.float32)
+    kernel = np.array([0.25, 0.5, 0.25], np.float32)
+    blurred = white
+    for axis in (-1, -2):
+        blurred = kernel[0] * np.roll(blurred, 1, axis) + kernel[1] * blurred + kernel[2] * np.roll(blurred, -1, axis)
+    return blurred * (sigma_hu / float(blurred.std()))
+
+
+def low_dose(ct: Volume, rng: np.random.Generator, sigma_hu: float = LOW_DOSE_NOISE_HU) -> Volume:
+    """The CT with the extra noise of a low-dose acquisition."""
+    noisy = ct.array.astype(np.float32) + correlated_noise(ct.shape, sigma_hu, rng)
+    return ct.with_array(np.clip(np.round(noisy), -1024, 3071).astype(np.int16), appearance="low_dose")

@@ -1,0 +1,194 @@
+"""Score liver models on held-out patients made to look like other CTs: thick slices, no contrast, low dose,
+another pixel size. Each variant goes through the product's own ``segment()`` on its own grid, and
+the Dice is taken against the expert mask carried to that grid. Run from the repository root with
+the project installed:
+
+    python -m training.robustness --runs training/runs/loo                    # every leave-one-out fold's model
+    python -m training.robustness --runs training/runs/loo --experiments liver_scratch_msd
+    python -m training.robustness --model LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json   # any model card
+    python -m training.robustness ... --conditions native,unenhanced -o training/results/robustness.json
+
+With ``--runs``, each fold's model is scored on the patient it did not see (its card's
+``test_patients``); with ``--model``, on the patients given (default: all), which may include
+patients it was trained on (the table says so). Writes the JSON and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from LiverSegUNetLib.inference import segment
+from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
+from LiverSegUNetLib.metrics import dice
+from LiverSegUNetLib.volume import Volume
+from LiverSegUNetLib.weights import load_model
+
+from training import appearance
+
+Variant = Callable[[Volume, Volume, dict, np.random.Generator], tuple[Volume, Volume]]
+
+
+def _thick(mm: float) -> Variant:
+    return lambda ct, liver, masks, rng: (
+        appearance.thick_slices(ct, mm),
+        appearance.thick_slices(liver, mm, is_mask=True),
+    )
+
+
+def _pixels(mm: float) -> Variant:
+    return lambda ct, liver, masks, rng: (
+        appearance.in_plane_pixels(ct, mm),
+        appearance.in_plane_pixels(liver, mm, is_mask=True),
+    )
+
+
+def _unenhanced_thick(mm: float) -> Variant:
+    return lambda ct, liver, masks, rng: _thick(mm)(appearance.unenhanced(ct, masks, rng), liver, masks, rng)
+
+
+#: Condition name -> (what it simulates, how the CT and its liver mask are changed).
+CONDITIONS: dict[str, tuple[str, Variant]] = {
+    "native": (
+        "as acquired (contrast-enhanced, 1.6 mm slices, 0.57-0.78 mm pixels)",
+        lambda ct, liver, masks, rng: (ct, liver),
+    ),
+    "thick_3mm": ("3 mm slices (contiguous slabs averaged from the thin ones)", _thick(3.0)),
+    "thick_5mm": ("5 mm slices (contiguous slabs averaged from the thin ones)", _thick(5.0)),
+    "unenhanced": (
+        "no intravenous contrast (liver 55, spleen 45, vessels 40 HU; training/appearance.py)",
+        lambda ct, liver, masks, rng: (appearance.unenhanced(ct, masks, rng), liver),
+    ),
+    "unenhanced_3mm": ("no contrast and 3 mm slices", _unenhanced_thick(3.0)),
+    "low_dose": (
+        f"low dose: +{appearance.LOW_DOSE_NOISE_HU:g} HU correlated noise",
+        lambda ct, liver, masks, rng: (appearance.low_dose(ct, rng), liver),
+    ),
+    "pixel_1.0mm": ("1.0 mm pixels (resampled over the same field of view)", _pixels(1.0)),
+    "pixel_0.6mm": ("0.6 mm pixels (resampled over the same field of view)", _pixels(0.6)),
+}
+
+
+def variants(patient: IrcadbPatient, conditions: list[str], seed: int = 0):
+    """Yield ``(condition, ct, liver)`` for one patient, each made from the original with a fixed seed."""
+    ct = patient.ct
+    masks = {name: patient.mask(name).array for name in appearance.MASK_NAMES if name in patient.organs}
+    liver = ct.with_array(masks["liver"])
+    for condition in conditions:
+        rng = np.random.default_rng([seed, sum(map(ord, patient.name + condition))])
+        yield (condition, *CONDITIONS[condition][1](ct, liver, masks, rng))
+
+
+def score(models: dict[str, list[tuple[object, str]]], data: Path, conditions: list[str], device: str) -> dict:
+    """``{model name: {condition: {patient: dice}}}``; each model is a list of (loaded model, patient) pairs."""
+    by_patient: dict[str, list[tuple[str, object]]] = {}
+    for name, pairs in models.items():
+        for model, patient in pairs:
+            by_patient.setdefault(patient, []).append((name, model))
+    results: dict = {name: {c: {} for c in conditions} for name in models}
+    for patient_name, entries in by_patient.items():
+        patient = IrcadbPatient(data / "3Dircadb1" / patient_name)
+        for condition, ct, liver in variants(patient, conditions):
+            for name, model in entries:
+                t = time.perf_counter()
+                seg = segment(ct, model, device=device)
+                value = dice(seg.mask.array, liver.array)
+                results[name][condition][patient_name] = round(float(value), 4)
+                print(
+                    f"{name} {patient_name} {condition}: Dice {value:.4f} "
+                    f"({ct.shape[0]} slices of {ct.spacing_mm[2]:.1f} mm, {time.perf_counter() - t:.1f} s)",
+                    flush=True,
+                )
+    return results
+
+
+def table(results: dict, conditions: list[str], note: str = "") -> str:
+    """Markdown: one table per model, a row per condition, Dice per patient and the mean."""
+    lines = []
+    for name, per_condition in results.items():
+        patients = sorted(
+            {p for c in per_condition.values() for p in c}, key=lambda p: [int(t) for t in p.split(".")[1:]]
+        )
+        lines += [
+            f"**{name}**",
+            "",
+            "| condition | " + " | ".join(patients) + " | mean | worst |",
+            "|---" * (len(patients) + 3) + "|",
+        ]
+        for condition in conditions:
+            values = [per_condition[condition].get(p) for p in patients]
+            found = [v for v in values if v is not None]
+            cells = [f"{v:.3f}" if v is not None else "" for v in values]
+            mean = f"{statistics.mean(found):.3f}" if found else ""
+            worst = f"{min(found):.3f}" if found else ""
+            lines.append(f"| {condition} | " + " | ".join(cells) + f" | {mean} | {worst} |")
+        lines.append("")
+    lines += ["Conditions:", ""] + [f"- `{c}`: {CONDITIONS[c][0]}" for c in conditions]
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def loo_models(runs: Path, experiments: list[str], device: str) -> dict[str, list[tuple[object, str]]]:
+    """Each experiment's fold models under ``runs/<patient>/<experiment>/model.json``, with their test patient."""
+    found: dict[str, list] = {}
+    for card in sorted(runs.glob("*/*/model.json")):
+        experiment = card.parent.name
+        if (experiments and experiment not in experiments) or experiment == "bone_pretrain":
+            continue
+        model = load_model(card, device=device)
+        for patient in model.card["provenance"]["test_patients"]:
+            found.setdefault(experiment, []).append((model, patient))
+    if not found:
+        raise SystemExit(f"no leave-one-out liver models under {runs}; run training/experiments.py --stage loo first")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--runs", type=Path, help="leave-one-out runs folder (runs/<patient>/<experiment>/)")
+    source.add_argument("--model", type=Path, help="a model card (.json) to score on --patients")
+    parser.add_argument("--experiments", nargs="*", default=[], help="with --runs: only these experiments")
+    parser.add_argument("--patients", nargs="*", default=[], help="with --model: patient folder names (default: all)")
+    parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated: {', '.join(CONDITIONS)}")
+    parser.add_argument("--data", type=Path, default=None, help="folder holding 3Dircadb1/ (default: $LIVERSEG_DATA)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here and a .md table beside it")
+    args = parser.parse_args(argv)
+
+    conditions = args.conditions.split(",")
+    unknown = set(conditions) - set(CONDITIONS)
+    if unknown:
+        parser.error(f"unknown condition(s) {sorted(unknown)}; choose from {', '.join(CONDITIONS)}")
+    data = args.data or default_data_root()
+    if args.runs:
+        models = loo_models(args.runs, args.experiments, args.device)
+        note = "Each model is scored on the patient its fold held out."
+    else:
+        model = load_model(args.model, device=args.device)
+        patients = args.patients or sorted(p.name for p in (data / "3Dircadb1").iterdir() if p.is_dir())
+        trained_on = set(model.card.get("provenance", {}).get("train_patients", []))
+        models = {model.model_id: [(model, p) for p in patients]}
+        seen = sorted(trained_on & set(patients))
+        note = f"The model was trained on {', '.join(seen)}: those columns are not held out." if seen else ""
+    t = time.perf_counter()
+    results = score(models, data, conditions, args.device)
+    text = table(results, conditions, note)
+    print(text)
+    print(f"({time.perf_counter() - t:.0f} s)")
+    if args.output:
+        command = "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
+        args.output.write_text(json.dumps({"command": command, "conditions": conditions, "results": results}, indent=1))
+        args.output.with_suffix(".md").write_text(f"Written by `{command}`.\n\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
