@@ -33,6 +33,7 @@ EXPERIMENTS = [
     "liver_transfer_25_frozen",
     "liver_scratch_hu255",
     "liver_scratch_msd",
+    "liver_robust",
 ]
 TRANSFER = {"liver_transfer_25", "liver_transfer_25_frozen"}
 LIVER = [e for e in EXPERIMENTS if e.startswith("liver")]
