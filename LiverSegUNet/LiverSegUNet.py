@@ -309,6 +309,8 @@ class JobMonitor:
             return _("Failed: {error}").format(error=self.error)
         if self.stats is None:
             return _("Cancelled; the segmentation was not changed.")
+        if self.stats["volume_ml"] == 0:
+            return _("No liver found: is it an abdominal CT that covers the liver? The Liver segment is empty.")
         return _("Liver: {ml:.1f} ml in {s:.1f} s").format(ml=self.stats["volume_ml"], s=self.stats["seconds"])
 
 

@@ -71,6 +71,16 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
     cases["truncated"] = tmp_path / "dicom"
     paths = write_series(cases["truncated"], np.zeros((5, 32, 32)) + 40)
     paths[3].write_bytes(paths[3].read_bytes()[:-500])
+    labels = np.zeros((8, 64, 64), np.uint8)
+    labels[2:6, 10:40, 10:50] = 1
+    cases["labelmap"] = tmp_path / "liver_mask.nii.gz"  # a mask given where the CT belongs
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(cases["labelmap"]))
+    cases["labels16"] = tmp_path / "organs.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray((labels * 7).astype(np.int16)), str(cases["labels16"]))
+    cases["no_air"] = tmp_path / "no_air.nrrd"  # HU-like noise but nothing below -500: not in Hounsfield units
+    noisy = np.random.default_rng(0).normal(60, 30, (8, 64, 64)).round().astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(noisy), str(cases["no_air"]))
+    cases["missing"] = tmp_path / "no_such_folder"
     return cases
 
 
@@ -82,12 +92,16 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
         ("2d", "2D image"),
         ("rgb", "colour"),
         ("truncated", "pixel data cannot be decoded"),
+        ("labelmap", "uint8 with values 0..1, not a CT"),
+        ("labels16", "distinct values (0..7): a label map"),
+        ("no_air", "has no air"),
+        ("missing", "no such file or folder"),
     ],
 )
 def test_bad_input_clear_error_nothing_written(tmp_path, capsys, case, message):
     inputs = _bad_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    assert main(["segment", str(inputs[case]), "-o", str(out), "-q"]) == 2
+    assert main(["segment", str(inputs[case]), "-o", str(out)]) == 2  # no -q: no progress line before the error
     err = capsys.readouterr().err
     assert err.startswith("liverseg: error:") and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -170,3 +184,20 @@ def test_segment_without_input_says_what_to_give(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no input given" in err and "--sample" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ct_without_liver_is_reported_not_silent(tmp_path, capsys):
+    """A real-looking CT that holds no liver: exit 0, a warning on stderr, and the summaries say so."""
+    k, j, i = np.meshgrid(np.arange(6), np.arange(64), np.arange(64), indexing="ij")
+    hu = np.full((6, 64, 64), -1000.0)
+    hu[((j - 32) / 28) ** 2 + ((i - 32) / 30) ** 2 < 1] = -80  # a body of fat: nothing like a liver
+    hu += np.random.default_rng(0).normal(0, 15, hu.shape).round()
+    write_series(tmp_path / "in" / "fat", hu)
+    write_series(tmp_path / "in" / "fat2", hu)
+    assert main(["segment", str(tmp_path / "in" / "fat"), "-o", str(tmp_path / "out"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "liverseg: warning: fat: no liver found" in captured.err and "liver 0.0 ml" in captured.out
+    assert json.loads((tmp_path / "out" / "fat.summary.json").read_text())["liver_found"] is False
+    assert main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "batch"), "-q"]) == 0
+    rows = json.loads((tmp_path / "batch" / "batch_summary.json").read_text())
+    assert all(r["status"] == "ok" and r["reason"].startswith("no liver found") for r in rows)

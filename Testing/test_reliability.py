@@ -24,12 +24,12 @@ LIVERSEG = str(Path(sys.executable).with_name("liverseg"))
 
 
 def _phantom() -> np.ndarray:
-    """A small CT-like volume: air around a soft-tissue ellipse with a brighter blob (HU)."""
+    """A small CT-like volume: air around a soft-tissue ellipse with a brighter blob (HU), with CT noise."""
     k, j, i = np.meshgrid(np.arange(6), np.arange(64), np.arange(64), indexing="ij")
     hu = np.full((6, 64, 64), -1000.0)
     hu[((j - 32) / 28) ** 2 + ((i - 32) / 30) ** 2 < 1] = 40
     hu[((j - 28) / 10) ** 2 + ((i - 22) / 12) ** 2 < 1] = 110
-    return hu
+    return hu + np.random.default_rng(0).normal(0, 15, hu.shape).round()
 
 
 def _studies(folder: Path, good: int, bad: bool = True) -> Path:

@@ -72,6 +72,8 @@ def _segment(args: argparse.Namespace) -> int:
             bar.close()
         if row["status"] == "failed":
             print(f"liverseg: {'error' if single else row['case'] + ': failed'}: {row['reason']}", file=sys.stderr)
+        elif row["status"] == "ok" and row["reason"]:
+            print(f"liverseg: warning: {row['case']}: {row['reason']}", file=sys.stderr)
         elif not single:
             ml = f"liver {row['liver_volume_ml']:.1f} ml" if row["liver_volume_ml"] is not None else ""
             print(f"{row['case']}: {row['status']} {ml} {row['reason']}".rstrip())

@@ -70,8 +70,15 @@ def autocast_for(device: str):
     return contextlib.nullcontext(), "fp32"
 
 
+#: A CT in Hounsfield units has air (about -1000 HU) around or inside the body; this much is enough.
+AIR_HU = -500.0
+#: Fewer distinct values than this (in a sample of the voxels) is a label map or mask, not a CT.
+MIN_DISTINCT_VALUES = 32
+
+
 def check_ct(volume: Volume) -> None:
-    """Refuse volumes that cannot be a CT: wrong dimensionality, too small, non-finite or constant."""
+    """Refuse volumes that cannot be a CT in Hounsfield units: wrong dimensionality, too small, non-finite,
+    constant, 8-bit, label-valued, or without any air."""
     a = volume.array
     if a.ndim != 3:
         raise InputError(f"image has {a.ndim} dimensions {a.shape}; expected a 3D CT volume")
@@ -82,6 +89,16 @@ def check_ct(volume: Volume) -> None:
     lo, hi = float(a.min()), float(a.max())
     if hi - lo < 1:
         raise InputError(f"image is constant ({lo:g} everywhere); nothing to segment")
+    not_ct = "; give the CT itself, in Hounsfield units (a label map, mask or exported picture cannot be segmented)"
+    if a.dtype in (np.uint8, np.int8, np.bool_):
+        raise InputError(f"image is {a.dtype.name} with values {lo:g}..{hi:g}, not a CT{not_ct}")
+    distinct = np.unique(a[:: max(1, a.shape[0] // 16), ::4, ::4]).size
+    if distinct < MIN_DISTINCT_VALUES:
+        raise InputError(f"image has only {distinct} distinct values ({lo:g}..{hi:g}): a label map, not a CT{not_ct}")
+    if lo > AIR_HU:
+        raise InputError(
+            f"image has no air: its lowest value is {lo:g}, a CT in Hounsfield units has air near -1000{not_ct}"
+        )
 
 
 def prepare_slices(hu, grid: SliceGrid, plan):

@@ -57,10 +57,10 @@ def segment_file(
     """Segment one CT and write its outputs together (all or none); returns the summary dict."""
     t_start = time.perf_counter()
     paths = output_paths(input_path, out_dir, list(formats), preview)
-    if progress:
-        progress("read", 0.0)
     ct = read_volume(input_path, series_uid, allow_non_ct)
     t_read = time.perf_counter() - t_start
+    if progress:  # only once the input is read: a bad path gets its error line alone
+        progress("read", 1.0)
     result = segment(
         ct, model, device=device, postprocess=postprocess, batch_size=batch_size, progress=progress, cancel=cancel
     )
@@ -69,6 +69,7 @@ def segment_file(
         "case": case_name(input_path),
         "input": str(input_path),
         "liver_volume_ml": round(result.volume_ml, 1),
+        "liver_found": result.volume_ml > 0,
         "slices": ct.shape[0],
         "shape_kji": list(ct.shape),
         "spacing_mm": [round(s, 4) for s in ct.spacing_mm],
@@ -105,6 +106,8 @@ def segment_file(
 
 
 log = logging.getLogger(__name__)
+
+NO_LIVER = "no liver found: is it an abdominal CT that covers the liver?"
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -187,6 +190,8 @@ def segment_batch(
                 else:
                     summary = segment_file(path, out_dir, **options)
                     row.update(status="ok", liver_volume_ml=summary["liver_volume_ml"])
+                    if not summary["liver_found"]:
+                        row["reason"] = NO_LIVER
             except (KeyboardInterrupt, Cancelled):
                 row["reason"] = "interrupted"
                 rows.append(row)
