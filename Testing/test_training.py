@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -230,3 +231,26 @@ def test_report_is_written_from_runs(tmp_path):
         "curves_val_dice.png",
         "curves_val_accuracy.png",
     }
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("epocs=5", "unknown config key 'epocs'; known keys: augment, base"),
+        ("augment.nosie=0.1", "unknown config key 'augment.nosie'; known keys in augment: brightness"),
+        ("epochs=5.5", "config key 'epochs' must be int (like 30), got 5.5"),
+        ("epochs=true", "config key 'epochs' must be int"),
+        ('lr="fast"', "config key 'lr' must be float"),
+        ("epochs", "expected KEY=VALUE"),
+    ],
+)
+def test_a_typo_or_a_wrong_type_in_the_config_is_refused(override, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.load_config(CONFIGS / "liver_scratch.toml", [override])
+    cfg = train.load_config(CONFIGS / "liver_scratch.toml", ["epochs=5", "lr=1", "plan.spacing_mm=2"])
+    assert cfg["epochs"] == 5 and cfg["lr"] == 1 and cfg["plan"]["spacing_mm"] == 2
+
+
+def test_every_experiment_config_is_valid():
+    for path in CONFIGS.glob("*.toml"):
+        train.load_config(path)

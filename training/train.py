@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LiverSegUNet"))
 sys.path.insert(0, str(ROOT))  # run as ``python training/train.py``: the training package beside it
 
 from LiverSegUNetLib import metrics  # noqa: E402
-from LiverSegUNetLib.cli import ProgressBar  # noqa: E402
 from LiverSegUNetLib.inference import autocast_for, prepare_slices, resolve_device, segment  # noqa: E402
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root  # noqa: E402
 from LiverSegUNetLib.model import UNet2D  # noqa: E402
@@ -51,23 +51,56 @@ log = logging.getLogger("train")
 # -- configuration ---------------------------------------------------------------------------
 
 
+COMMON = ROOT / "training" / "configs" / "common.toml"
+
+
 def load_config(path: Path, overrides: list[str] = ()) -> dict:
-    """A TOML experiment (merged over the file it ``extends``) with ``key=value`` overrides applied."""
-    cfg = tomllib.loads(Path(path).read_text())
-    parent = cfg.pop("extends", None)
-    if parent:
-        base = load_config(Path(path).parent / parent)
-        for key, value in cfg.items():
-            base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
-        cfg = base
+    """A TOML experiment (merged over the file it ``extends``) with ``key=value`` overrides applied, checked
+    against ``common.toml``: an unknown key or a value of the wrong type is refused, naming the known keys."""
+    cfg = _merged(Path(path))
     for item in overrides:
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
         *parents, leaf = key.strip().split(".")
         node = cfg
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = tomllib.loads(f"v = {value}")["v"]
+        try:
+            node[leaf] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            raise SystemExit(f"--set {item!r}: the value is not TOML ({exc}); quote strings: key='\"text\"'") from exc
+    check_config(cfg, tomllib.loads(COMMON.read_text()))
     return cfg
+
+
+def _merged(path: Path) -> dict:
+    cfg = tomllib.loads(path.read_text())
+    parent = cfg.pop("extends", None)
+    if parent:
+        base = _merged(path.parent / parent)
+        for key, value in cfg.items():
+            base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
+        cfg = base
+    return cfg
+
+
+def check_config(cfg: dict, reference: dict, where: str = "") -> None:
+    """Refuse keys that ``reference`` (common.toml) lacks and values of another type (an int may stand for a float)."""
+    for key, value in cfg.items():
+        name = f"{where}{key}"
+        if key not in reference and not (where == "" and key == "name"):
+            known = ", ".join(sorted([*reference, *([] if where else ["name"])]))
+            raise SystemExit(f"unknown config key '{name}'; known keys{' in ' + where[:-1] if where else ''}: {known}")
+        expected = type(reference[key]) if key in reference else str
+        if isinstance(value, dict) and expected is dict:
+            check_config(value, reference[key], f"{name}.")
+        elif not (isinstance(value, expected) or (expected is float and type(value) is int)) or isinstance(
+            value, bool
+        ) is not (expected is bool):
+            raise SystemExit(
+                f"config key '{name}' must be {expected.__name__} (like {reference.get(key)!r}), got {value!r}"
+            )
 
 
 def plan_of(cfg: dict) -> Plan:
@@ -479,18 +512,14 @@ def main(argv: list[str] | None = None) -> int:
         order = rng.permutation(len(samples))
         mine = order[rank::world]
         losses = []
-        bar = ProgressBar() if rank == 0 and sys.stderr.isatty() else None
-        for step in range(steps_per_epoch):
+        steps = tqdm(range(steps_per_epoch), f"epoch {epoch}", leave=False, disable=None if rank == 0 else True)
+        for step in steps:
             batch = [samples[i] for i in mine[step * per_batch : (step + 1) * per_batch]]
             if extra is not None:  # drawn for every rank from the shared generator, each rank takes its row
                 picks = rng.integers(0, extra.images.shape[0], (world, cfg["batch_size"] - per_batch))[rank]
                 batch += [(len(train) - 1, int(k)) for k in picks]
             x, y = augment(*make_batch(train, batch, plan, cfg["crop"], rng, cfg["augment"]), cfg["augment"], gen)
             losses.append(train_step(ddp, opt, sched, x, y, autocast, device))
-            if bar:
-                bar(f"epoch {epoch}", (step + 1) / steps_per_epoch)
-        if bar:
-            bar.close()
         if world > 1:  # batch-norm statistics are per process; keep rank 0's everywhere, as it is saved
             for buffer in net.buffers():
                 dist.broadcast(buffer, 0)

@@ -21,22 +21,29 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: staged files are removed, finished cases stay
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr, with named stages."""
+class StageProgress:
+    """The progress of a case's named stages on stderr (tqdm), silent when stderr is not a terminal."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream, self.width, self.t0 = stream, width, time.perf_counter()
+    def __init__(self) -> None:
+        self._bar = None
 
     def __call__(self, stage: str, fraction: float) -> None:
-        filled = int(self.width * fraction)
-        bar = "#" * filled + "-" * (self.width - filled)
-        self.stream.write(f"\r{stage:<12} [{bar}] {fraction:4.0%} {time.perf_counter() - self.t0:5.1f}s")
-        self.stream.flush()
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=100, file=sys.stderr, disable=None, leave=False, bar_format=BAR_FORMAT)
+        self._bar.set_description_str(stage, refresh=False)
+        self._bar.n = round(100 * fraction)
+        self._bar.refresh()
 
     def close(self) -> None:
-        """End the bar's line."""
-        self.stream.write("\n")
-        self.stream.flush()
+        """Clear the bar (the case's result line follows)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+BAR_FORMAT = "{desc:<12} {bar:30} {percentage:3.0f}% {elapsed}"
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -65,7 +72,7 @@ def _segment(args: argparse.Namespace) -> int:
         allow_non_ct=args.allow_non_ct,
     )
     single = len(args.input) == 1 and not (args.input[0].is_dir() and _is_study_folder(args.input[0]))
-    bar = None if args.quiet else ProgressBar()
+    bar = None if args.quiet else StageProgress()
 
     def report(row: dict) -> None:
         if bar:
