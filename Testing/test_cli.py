@@ -148,13 +148,13 @@ def test_unknown_format_and_device(ircadb_root, tmp_path, capsys):
 
 
 def test_bench_measures_our_pipeline_in_a_fresh_process(ircadb_root):
-    from LiverSegUNetLib import bench
+    from training.bench import bench
 
     row = bench.measure("ours", ircadb_root / TEST_PATIENT)
     assert row["slices"] == 119 and row["peak_mb"] > 100 and row["process_start_s"] > 0
     assert {"read", "inference", "postprocess", "resample", "write"} <= set(row["stages_s"])
     assert abs(sum(row["stages_s"].values()) - row["seconds"]) < 0.5  # the stages account for the total
-    text = bench.table({TEST_PATIENT: {"ours": [row]}}, bench.machine(), "liverseg bench")
+    text = bench.table({TEST_PATIENT: {"ours": [row]}}, bench.machine(), "python -m training.bench")
     assert f"| {TEST_PATIENT} | ours | 119 | 1 |" in text and "1.0x" in text
 
 

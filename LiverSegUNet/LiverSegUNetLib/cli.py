@@ -152,49 +152,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from . import bench
-    from .io.ircadb import default_data_root
-
-    if args.worker:
-        print(json.dumps(bench.worker(args.worker, args.patients[0], args.stack, args.device, args.baseline_slices)))
-        return 0
-    root = default_data_root() / "3Dircadb1"
-    patients = args.patients or (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
-    if not patients:
-        raise InputError(f"no patients given and none found in {root}; pass patient folders or set LIVERSEG_DATA")
-    methods = args.methods.split(",")
-    unknown = set(methods) - set(bench.METHODS)
-    if unknown:
-        raise InputError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(bench.METHODS)}")
-    info = bench.machine()
-    results, scaling = bench.run_bench(
-        patients,
-        methods,
-        args.repeats,
-        args.device,
-        args.baseline_slices,
-        args.stack,
-        progress=lambda m: print(m, file=sys.stderr, flush=True),
-    )
-    command = "liverseg bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "liverseg bench"
-    text = bench.table(results, info, command)
-    if scaling:
-        text += "\n\nMemory against volume size (our inference, patient stacked along k):\n\n" + bench.memory_table(
-            scaling
-        )
-    print(text)
-    if args.output:
-        from .outputs import atomic_write_bytes
-
-        atomic_write_bytes(args.output, (text + "\n").encode())
-        atomic_write_bytes(
-            args.output.with_suffix(".json"),
-            json.dumps({"machine": info, "results": results, "memory_scaling": scaling}, indent=1).encode(),
-        )
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``liverseg``."""
     parser = argparse.ArgumentParser(
@@ -252,40 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_evaluate)
 
-    from .bench import METHODS
-
-    be = sub.add_parser(
-        "bench",
-        help="measure seconds and peak memory per CT, ours against the alternatives",
-        description="Run each method on each patient in a fresh process and print a markdown table "
-        "of seconds and peak resident memory, with ratios to ours. Peers run with "
-        "untrained weights (their compute, not their accuracy).",
-    )
-    be.add_argument(
-        "--patients",
-        type=Path,
-        nargs="*",
-        default=[],
-        help="3D-IRCADb patient folders (default: every patient under $LIVERSEG_DATA/3Dircadb1)",
-    )
-    be.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of: {', '.join(METHODS)}")
-    be.add_argument("--repeats", type=int, default=3, help="runs of our pipeline per patient (median reported)")
-    be.add_argument("--device", default="cpu", help="device for our pipeline (default: cpu)")
-    be.add_argument(
-        "--baseline-slices",
-        type=int,
-        default=16,
-        help="slices the fp32 512x512 baseline runs before extrapolating (0: all)",
-    )
-    be.add_argument(
-        "--stack",
-        type=int,
-        default=4,
-        help="memory scaling: also run the largest patient stacked this many times (1 to skip)",
-    )
-    be.add_argument("-o", "--output", type=Path, help="also write the table to this .md file (and .json beside it)")
-    be.add_argument("--worker", choices=[*METHODS, "ours_stacked"], help=argparse.SUPPRESS)
-    be.set_defaults(func=_bench)
     return parser
 
 

@@ -16,6 +16,8 @@ from .volume import Volume, bounding_box
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
+#: ``(network, device) -> (callable on a batch, input dtype, autocast context)``: how the network runs.
+Runtime = Callable[[object, str], tuple]
 
 
 @dataclass
@@ -207,6 +209,7 @@ def predict_canonical(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     seconds: dict | None = None,
+    runtime: Runtime | None = None,
 ) -> np.ndarray:
     """uint8 mask for a canonical ``[k, j, i]`` HU array with ``(i, j, k)`` spacing in mm.
 
@@ -215,7 +218,7 @@ def predict_canonical(
     component run (:func:`liver_range`: the result is the same as running every slice). The
     probabilities stay on the (smaller) model grid as uint8; postprocessing runs there too, and the
     full-resolution mask is built batch by batch, so memory beyond the input and output arrays stays
-    small.
+    small. ``runtime`` (default :func:`runtime_network`) turns the network into what runs the batches.
     """
     import torch
 
@@ -232,7 +235,7 @@ def predict_canonical(
     h, w = grid.size
     low = np.zeros((n, h, w), dtype=np.uint8)  # probability x 255 on the model grid
     level = int(round(plan.threshold * 255))
-    net, dtype, autocast = runtime_network(model.network, device)
+    net, dtype, autocast = (runtime or runtime_network)(model.network, device)
     channels_last = torch.channels_last if device == "cpu" else torch.contiguous_format
     done = np.zeros(n, dtype=bool)
 
@@ -322,8 +325,13 @@ def segment(
     batch_size: int = 16,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    runtime: Runtime | None = None,
 ) -> Segmentation:
-    """Segment the liver of a CT volume; the mask lies on exactly the input's grid."""
+    """Segment the liver of a CT volume; the mask lies on exactly the input's grid.
+
+    ``runtime(network, device) -> (callable, input dtype, autocast context)`` replaces the default
+    torch runtime (:func:`runtime_network`), e.g. to compare another inference engine.
+    """
     from .weights import load_model
 
     check_ct(volume)
@@ -338,7 +346,9 @@ def segment(
     reorient = Reorientation(volume)
     canonical = reorient.forward(volume.array)
     spacing = reorient.spacing(volume)
-    mask = predict_canonical(canonical, spacing, model, device, batch_size, postprocess, progress, cancel, seconds)
+    mask = predict_canonical(
+        canonical, spacing, model, device, batch_size, postprocess, progress, cancel, seconds, runtime
+    )
     result = np.ascontiguousarray(reorient.backward(mask))
     _, precision = autocast_for(device)
     return Segmentation(volume.with_array(result), model.model_id, device, precision, seconds)

@@ -53,8 +53,12 @@ def segment_file(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     allow_non_ct: bool = False,
+    runtime=None,
 ) -> dict:
-    """Segment one CT and write its outputs together (all or none); returns the summary dict."""
+    """Segment one CT and write its outputs together (all or none); returns the summary dict.
+
+    ``runtime`` is passed to :func:`segment` (the default torch runtime when None).
+    """
     t_start = time.perf_counter()
     paths = output_paths(input_path, out_dir, list(formats), preview)
     ct = read_volume(input_path, series_uid, allow_non_ct)
@@ -62,7 +66,14 @@ def segment_file(
     if progress:  # only once the input is read: a bad path gets its error line alone
         progress("read", 1.0)
     result = segment(
-        ct, model, device=device, postprocess=postprocess, batch_size=batch_size, progress=progress, cancel=cancel
+        ct,
+        model,
+        device=device,
+        postprocess=postprocess,
+        batch_size=batch_size,
+        progress=progress,
+        cancel=cancel,
+        runtime=runtime,
     )
     seconds = {"read": t_read, **result.seconds}
     summary = {

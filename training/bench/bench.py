@@ -1,4 +1,4 @@
-"""``liverseg bench``: seconds and peak memory per CT for our pipeline, the report's approach and the peers'.
+"""``python -m training.bench``: seconds and peak memory per CT for our pipeline, the report's approach and the peers'.
 
 Every measurement runs in a fresh worker process, so peak resident memory (``ru_maxrss``) belongs
 to that one job and process start-up is measured too. The peers' weights cannot be downloaded, so
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[2]
+
 #: Peers as SlicerMONAIAuto3DSeg and TotalSegmentator run them (see PEERS_SOURCES in the table notes).
 PEERS = {
     "monai_segresnet_1.5mm": {"kind": "segresnet", "spacing_mm": 1.5},
@@ -38,15 +40,15 @@ def _peak_mb() -> float:
     try:
         import resource
     except ImportError as exc:
-        from .errors import InputError
+        from LiverSegUNetLib.errors import InputError
 
-        raise InputError("liverseg bench measures peak memory with getrusage, which needs Linux or macOS") from exc
+        raise InputError("the benchmark measures peak memory with getrusage, which needs Linux or macOS") from exc
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _patient_volume(patient_dir: Path, stack: int):
-    from .io import read_volume
-    from .volume import Volume
+    from LiverSegUNetLib.io import read_volume
+    from LiverSegUNetLib.volume import Volume
 
     t = time.perf_counter()
     ct = read_volume(patient_dir)
@@ -55,14 +57,14 @@ def _patient_volume(patient_dir: Path, stack: int):
     return ct, time.perf_counter() - t
 
 
-def _use_onnxruntime(model, folder: str) -> None:
-    """Make inference run ``model``'s network (batch norm folded, fp32) through an ONNX Runtime session."""
+def onnxruntime_runtime(model, folder: str):
+    """A network runtime for ``segment(runtime=...)``: ``model``'s network (batch norm folded, fp32) exported
+    to ONNX in ``folder`` and run by an ONNX Runtime session."""
     import contextlib
 
     import onnxruntime
     import torch
-
-    from . import inference
+    from LiverSegUNetLib import inference
 
     path = str(Path(folder) / "network.onnx")
     x = torch.zeros(1, model.plan.in_channels, 64, 64)
@@ -76,25 +78,24 @@ def _use_onnxruntime(model, folder: str) -> None:
     def run(batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"x": batch.float().contiguous().numpy()})[0])
 
-    inference.runtime_network = lambda network, device: (run, torch.float32, contextlib.nullcontext())
+    return lambda network, device: (run, torch.float32, contextlib.nullcontext())
 
 
 def _run_ours(patient_dir: Path, stack: int, device: str, onnxruntime: bool = False) -> dict:
-    from .io.segnrrd import write_seg_nrrd
-    from .outputs import write_all
-    from .pipeline import segment_file
-    from .terminology import LIVER
-    from .weights import load_model
+    from LiverSegUNetLib.io.segnrrd import write_seg_nrrd
+    from LiverSegUNetLib.outputs import write_all
+    from LiverSegUNetLib.pipeline import segment_file
+    from LiverSegUNetLib.terminology import LIVER
+    from LiverSegUNetLib.weights import load_model
 
     t = time.perf_counter()
     model = load_model(device=device)
     export = tempfile.TemporaryDirectory()
-    if onnxruntime:
-        _use_onnxruntime(model, export.name)
+    runtime = onnxruntime_runtime(model, export.name) if onnxruntime else None
     load_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         if stack == 0:
-            summary = segment_file(patient_dir, tmp, model=model, device=device, preview=False)
+            summary = segment_file(patient_dir, tmp, model=model, device=device, preview=False, runtime=runtime)
             stages = {k: v for k, v in summary["seconds"].items() if k != "total"}
             return {
                 "model_load_s": load_s,
@@ -102,11 +103,11 @@ def _run_ours(patient_dir: Path, stack: int, device: str, onnxruntime: bool = Fa
                 "seconds": summary["seconds"]["total"],
                 "slices": summary["slices"],
             }
-        from .inference import segment
+        from LiverSegUNetLib.inference import segment
 
         t0 = time.perf_counter()
         ct, read_s = _patient_volume(patient_dir, stack)
-        result = segment(ct, model, device=device)
+        result = segment(ct, model, device=device, runtime=runtime)
         t = time.perf_counter()
         write_all({Path(tmp) / "x.seg.nrrd": lambda p: write_seg_nrrd(result.mask, p, LIVER)})
         stages = {"read+stack": read_s, **result.seconds, "write": time.perf_counter() - t}
@@ -123,8 +124,7 @@ def _run_ours(patient_dir: Path, stack: int, device: str, onnxruntime: bool = Fa
 def _run_report_unet(patient_dir: Path, slices: int) -> dict:
     """The report's approach, plainly: a 64-channel U-Net at full 512x512, fp32, one slice at a time."""
     import torch
-
-    from .model import UNet2D
+    from LiverSegUNetLib.model import UNet2D
 
     t0 = time.perf_counter()
     ct, read_s = _patient_volume(patient_dir, 1)
@@ -150,7 +150,7 @@ def _run_report_unet(patient_dir: Path, slices: int) -> dict:
 
 
 def _run_peer(name: str, patient_dir: Path) -> dict:
-    from . import peers
+    from training.bench import peers
 
     ct, read_s = _patient_volume(patient_dir, 1)
     info = peers.run(PEERS[name], ct)
@@ -165,8 +165,7 @@ def _run_peer(name: str, patient_dir: Path) -> dict:
 def worker(method: str, patient_dir: Path, stack: int, device: str, baseline_slices: int) -> dict:
     """Run one measurement in this process and return its numbers (peak memory included)."""
     import torch  # noqa: F401  (start-up cost is the process's, not the first stage's)
-
-    from . import inference, io, pipeline  # noqa: F401
+    from LiverSegUNetLib import inference, io, pipeline  # noqa: F401
 
     ready = time.time()
     if method in ("ours", STACKED, ONNXRUNTIME):
@@ -191,8 +190,7 @@ def measure(method: str, patient_dir: Path, stack: int = 0, device: str = "cpu",
     cmd = [
         sys.executable,
         "-m",
-        "LiverSegUNetLib",
-        "bench",
+        "training.bench",
         "--worker",
         method,
         "--patients",
@@ -204,11 +202,8 @@ def measure(method: str, patient_dir: Path, stack: int = 0, device: str = "cpu",
         "--baseline-slices",
         str(baseline_slices),
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {method} on {patient_dir.name} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -219,8 +214,7 @@ def measure(method: str, patient_dir: Path, stack: int = 0, device: str = "cpu",
 def machine() -> dict:
     """CPU model, cores, bf16 support, torch version."""
     import torch
-
-    from .inference import cpu_has_bf16
+    from LiverSegUNetLib.inference import cpu_has_bf16
 
     cpu = platform.processor() or platform.machine()
     try:

@@ -1,4 +1,4 @@
-"""The compute of the peers' pipelines, with untrained weights, for ``liverseg bench`` (needs ``monai``).
+"""The compute of the peers' pipelines, with untrained weights, for ``python -m training.bench`` (needs ``monai``).
 
 Settings come from the peers' own inference code:
 - SlicerMONAIAuto3DSeg (``auto3dseg_segresnet_inference.py``; Auto3DSeg segresnet template): SegResNetDS,
