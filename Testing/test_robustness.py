@@ -12,7 +12,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from LiverSegUNetLib.volume import Volume  # noqa: E402
 from LiverSegUNetLib.weights import DEFAULT_MODEL  # noqa: E402

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from LiverSegUNetLib.inference import autocast_for, segment  # noqa: E402
 from LiverSegUNetLib.preprocess import Plan  # noqa: E402
