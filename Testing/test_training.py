@@ -253,3 +253,29 @@ def test_a_typo_or_a_wrong_type_in_the_config_is_refused(override, message):
 def test_every_experiment_config_is_valid():
     for path in CONFIGS.glob("*.toml"):
         train.load_config(path)
+
+
+def test_the_shipped_recipe_trades_a_little_native_dice_for_a_better_worst_condition(tmp_path):
+    from training import experiments
+
+    def fold(exp, patient, value):
+        card = tmp_path / patient / exp / "model.json"
+        card.parent.mkdir(parents=True)
+        card.write_text(json.dumps({"provenance": {"held_out_metrics": {patient: {"dice": value}}}}))
+
+    for patient, a, b in [("p1", 0.93, 0.925), ("p2", 0.91, 0.905)]:
+        fold("liver_scratch_msd", patient, a)
+        fold("liver_robust", patient, b)
+    assert experiments.best_liver_experiment(tmp_path)[0] == "liver_scratch_msd"  # native Dice alone
+    robustness = {
+        "liver_scratch_msd": {"native": {"p1": 0.93, "p2": 0.91}, "unenhanced": {"p1": 0.70, "p2": 0.75}},
+        "liver_robust": {"native": {"p1": 0.925, "p2": 0.905}, "unenhanced": {"p1": 0.90, "p2": 0.89}},
+    }
+    assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_robust"
+    assert experiments.worst_condition(robustness["liver_robust"]) == ("unenhanced", pytest.approx(0.895))
+    robustness["liver_robust"]["native"] = {"p1": 0.90, "p2": 0.88}  # too much native Dice lost: not chosen
+    for patient, value in [("p1", 0.90), ("p2", 0.88)]:
+        (tmp_path / patient / "liver_robust" / "model.json").write_text(
+            json.dumps({"provenance": {"held_out_metrics": {patient: {"dice": value}}}})
+        )
+    assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_scratch_msd"
