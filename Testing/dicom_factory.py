@@ -24,6 +24,7 @@ def write_series(
     series_uid=None,
     rng=None,
     modality="CT",
+    frame_of_reference_uid=None,
 ) -> list[Path]:
     """Write ``hu`` (``[k, j, i]``) as one DICOM file per slice; returns the paths in slice order.
 
@@ -33,6 +34,7 @@ def write_series(
     rng = rng or np.random.default_rng(0)
     series_uid = series_uid or generate_uid()
     study_uid = generate_uid()
+    frame_of_reference_uid = frame_of_reference_uid or generate_uid()
     normal = np.cross(row_dir, col_dir)
     n = hu.shape[0]
     names = names or [f"f{v:05d}" for v in rng.permutation(n) * 7 + 3]
@@ -45,6 +47,7 @@ def write_series(
         ds = FileDataset(str(folder / names[k]), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series_uid, study_uid
+        ds.FrameOfReferenceUID = frame_of_reference_uid
         ds.SeriesDescription = f"synthetic {series_uid[-6:]}"
         ds.InstanceNumber = int(rng.integers(1, 10_000))  # deliberately meaningless
         ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * slice_gap * normal]

@@ -99,3 +99,48 @@ def test_write_all_is_all_or_nothing(tmp_path):
     write_all({tmp_path / "a.json": good})
     assert json.loads('"' + (tmp_path / "a.json").read_text() + '"') == "ok"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_dicom_seg_output_references_the_series_and_holds_the_mask(tmp_path):
+    """--format dicom-seg on a DICOM series (the sample CT's pixels, with full UIDs): read back with highdicom."""
+    hd = pytest.importorskip("highdicom")
+    from dicom_factory import write_series
+    from LiverSegUNetLib.cli import main
+    from LiverSegUNetLib.io import read_volume
+    from LiverSegUNetLib.io.segnrrd import read_seg_nrrd
+    from LiverSegUNetLib.sample import sample_ct_path
+
+    ct = read_volume(sample_ct_path())
+    write_series(tmp_path / "ct", ct.array.astype(np.float32), spacing_ij=ct.spacing_mm[:2], slice_gap=ct.spacing_mm[2])
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "ct"), "-o", str(out), "--format", "seg.nrrd,dicom-seg", "-q"]) == 0
+    source = read_volume(tmp_path / "ct")
+    mask, _ = read_seg_nrrd(out / "ct.seg.nrrd")
+    seg = hd.seg.segread(str(out / "ct.seg.dcm"))
+    segment = seg.SegmentSequence[0]
+    assert segment.SegmentLabel == "Liver"
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.metadata["series_uid"]
+    uids = [h.SOPInstanceUID for h in source.metadata["dicom_headers"]]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
+    assert pixels[..., 0].sum() > 0
+    np.testing.assert_array_equal(pixels[..., 0], mask.array > 0)
+
+
+@pytest.mark.parametrize("kind, message", [("nrrd", "needs DICOM input"), ("sample", "which a DICOM-SEG must reference")])
+def test_dicom_seg_is_refused_clearly_where_it_cannot_reference_the_input(tmp_path, capsys, kind, message):
+    import SimpleITK as sitk
+    from LiverSegUNetLib.cli import main
+    from LiverSegUNetLib.io import read_volume
+    from LiverSegUNetLib.io.images import sitk_from_volume
+    from LiverSegUNetLib.sample import sample_ct_path
+
+    source = sample_ct_path()
+    if kind == "nrrd":
+        source = tmp_path / "ct.nrrd"
+        sitk.WriteImage(sitk_from_volume(read_volume(sample_ct_path())), str(source))
+    out = tmp_path / "out"
+    assert main(["segment", str(source), "-o", str(out), "--format", "dicom-seg", "-q"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []

@@ -177,6 +177,10 @@ def write_report(runs: Path, out: Path) -> Path:
             cells.append(f"{m['dice']:.3f} / {m['assd_mm']:.2f} / {m['hd95_mm']:.1f}" if m else "")
         lines.append(f"| {exp} | " + " | ".join(cells) + " |")
     lines += extra_data_section(results, patients)
+    robustness = out / "robustness.md"
+    if robustness.exists():
+        lines += ["", "## Robustness: the held-out patients made to look like other CTs", ""]
+        lines += [robustness.read_text().rstrip()]
     lines += ["", "## Learning curves", ""] + [f"![{p}]({p})" for p in plots]
     lines += [
         "",

@@ -184,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Apache-2.0 / CC BY 4.0)",
     )
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
-    seg.add_argument("--format", default="seg.nrrd", help="comma-separated: seg.nrrd, nifti (default: seg.nrrd)")
+    seg.add_argument(
+        "--format",
+        default="seg.nrrd",
+        help="comma-separated: seg.nrrd, nifti, dicom-seg (DICOM input only; needs highdicom) (default: seg.nrrd)",
+    )
     seg.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda (default: auto)")
     seg.add_argument("--no-postprocess", action="store_true", help="keep the raw thresholded network output")
     seg.add_argument("--series-uid", help="SeriesInstanceUID to use when the folder holds several series")

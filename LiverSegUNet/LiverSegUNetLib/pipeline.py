@@ -8,19 +8,41 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, InputError, LiverSegError
-from .inference import Progress, segment
+from .inference import Progress, Segmentation, segment
 from .io import case_name, is_ircadb_patient, read_volume
+from .io.dicomseg import check_dicom_seg_source, write_dicom_seg
 from .io.images import is_image_file
 from .io.segnrrd import write_nifti, write_seg_nrrd
 from .outputs import atomic_write_bytes, write_all
 from .preview import preview_image, write_png
 from .terminology import LIVER
+from .volume import Volume
 
-FORMATS = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz"}
+
+@dataclass(frozen=True)
+class Format:
+    """An output format: its file suffix and how it is written from the CT and the segmentation."""
+
+    suffix: str
+    write: Callable[[Path, Volume, Segmentation], None]
+    check: Callable[[Volume, str], None] | None = None  # refuses an input the format cannot be made from
+
+
+#: Output formats by the name ``--format`` takes.
+FORMATS = {
+    "seg.nrrd": Format(".seg.nrrd", lambda path, ct, result: write_seg_nrrd(result.mask, path, LIVER)),
+    "nifti": Format(".nii.gz", lambda path, ct, result: write_nifti(result.mask, path)),
+    "dicom-seg": Format(
+        ".seg.dcm",
+        lambda path, ct, result: write_dicom_seg(result.mask, ct, path, LIVER, result.model_id),
+        check_dicom_seg_source,
+    ),
+}
 
 
 def output_paths(
@@ -32,7 +54,7 @@ def output_paths(
         raise InputError(f"unknown output format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
     name = case_name(input_path)
     out_dir = Path(out_dir)
-    paths = {f: out_dir / f"{name}{FORMATS[f]}" for f in formats}
+    paths = {f: out_dir / f"{name}{FORMATS[f].suffix}" for f in formats}
     paths["summary"] = out_dir / f"{name}.summary.json"
     if preview:
         paths["preview"] = out_dir / f"{name}.preview.png"
@@ -62,6 +84,9 @@ def segment_file(
     t_start = time.perf_counter()
     paths = output_paths(input_path, out_dir, list(formats), preview)
     ct = read_volume(input_path, series_uid, allow_non_ct)
+    for f in formats:
+        if FORMATS[f].check:
+            FORMATS[f].check(ct, str(input_path))
     t_read = time.perf_counter() - t_start
     if progress:  # only once the input is read: a bad path gets its error line alone
         progress("read", 1.0)
@@ -92,11 +117,7 @@ def segment_file(
         "liverseg_version": __version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }
-    writers = {}
-    if "seg.nrrd" in paths:
-        writers[paths["seg.nrrd"]] = lambda p: write_seg_nrrd(result.mask, p, LIVER)
-    if "nifti" in paths:
-        writers[paths["nifti"]] = lambda p: write_nifti(result.mask, p)
+    writers = {paths[f]: (lambda p, f=f: FORMATS[f].write(p, ct, result)) for f in formats}
     if "preview" in paths:
         writers[paths["preview"]] = lambda p: write_png(preview_image(ct, result.mask, LIVER.color_rgb), p)
 

@@ -79,6 +79,7 @@ class _Slice:
     pixel_spacing: tuple[float, float]
     slope: float
     intercept: float
+    header: object = None  # the pydicom header (no pixels): DICOM-SEG output references it
 
 
 def list_series(sources: Iterable[DicomSource]) -> dict[str, list]:
@@ -128,7 +129,7 @@ def _parse_slice(src: DicomSource, ds) -> _Slice:
     rows, columns = int(ds.Rows), int(ds.Columns)
     if rows < 1 or columns < 1:
         raise InputError(f"{src.name}: image size {rows}x{columns} is empty")
-    return _Slice(src, position, orientation, rows, columns, spacing, slope, intercept)
+    return _Slice(src, position, orientation, rows, columns, spacing, slope, intercept, ds)
 
 
 def _pixels(slc: _Slice) -> np.ndarray:
@@ -256,6 +257,7 @@ def _assemble(slices: list[_Slice], what: str, first_header) -> Volume:
         "series_uid": str(first_header.get("SeriesInstanceUID", "")),
         "study_uid": str(first_header.get("StudyInstanceUID", "")),
         "source_files": [s.src.name for s in slices],
+        "dicom_headers": [s.header for s in slices],  # in k order
     }
     return Volume(out, spacing, tuple(slices[0].position), direction, meta)
 
