@@ -128,7 +128,9 @@ def test_dicom_seg_output_references_the_series_and_holds_the_mask(tmp_path):
     np.testing.assert_array_equal(pixels[..., 0], mask.array > 0)
 
 
-@pytest.mark.parametrize("kind, message", [("nrrd", "needs DICOM input"), ("sample", "which a DICOM-SEG must reference")])
+@pytest.mark.parametrize(
+    "kind, message", [("nrrd", "needs DICOM input"), ("sample", "which a DICOM-SEG must reference")]
+)
 def test_dicom_seg_is_refused_clearly_where_it_cannot_reference_the_input(tmp_path, capsys, kind, message):
     import SimpleITK as sitk
     from LiverSegUNetLib.cli import main
