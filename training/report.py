@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 from datetime import UTC, datetime
@@ -18,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
 
 from experiments import EXPERIMENTS, LIVER, portable  # noqa: E402
+from LiverSegUNetLib.system import machine  # noqa: E402
 
 METRICS = [
     ("dice", "Dice", "{:.3f}"),
@@ -40,17 +39,6 @@ def collect(runs: Path) -> dict[str, dict[str, dict]]:
         for patient in prov["test_patients"]:
             found.setdefault(card_path.parent.name, {})[patient] = {"card": prov, "history": history}
     return {e: found[e] for e in ORDER if e in found} | {e: v for e, v in found.items() if e not in ORDER}
-
-
-def cpu_name() -> str:
-    """The CPU model name, as the kernel reports it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _mean_sd(values: list[float], fmt: str) -> str:
@@ -141,7 +129,7 @@ def write_report(runs: Path, out: Path) -> Path:
         "product's postprocessing (largest component, hole filling; none for bone), computed by",
         "`LiverSegUNetLib.metrics`. Mean ± standard deviation over the held-out patients.",
         "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Machine: {machine()}, torch {torch.__version__}, "
         f"precision {any_card['precision']}, {any_card['processes']} process(es) on {any_card['device']}. "
         f"Training wall time of all runs below: {cpu_seconds / 3600:.2f} h.",
         "",

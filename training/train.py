@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from LiverSegUNetLib.inference import autocast_for, prepare_slices, resolve_devi
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root  # noqa: E402
 from LiverSegUNetLib.model import UNet2D  # noqa: E402
 from LiverSegUNetLib.preprocess import Plan, Reorientation, SliceGrid, to_model_grid, with_context  # noqa: E402
+from LiverSegUNetLib.system import machine  # noqa: E402
 from LiverSegUNetLib.weights import LoadedModel, load_model, save_model  # noqa: E402
 
 from training import appearance  # noqa: E402
@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             "processes": world,
             "device": device,
             "train_seconds": round(history[-1]["seconds"], 1),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "machine": machine(),
             "held_out_metrics": final,
             "command": " ".join(
                 ["python training/train.py", _relative(args.config), *[f"--set '{s}'" for s in args.set]]

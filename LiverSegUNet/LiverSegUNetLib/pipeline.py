@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from .io.images import is_image_file
 from .io.segnrrd import write_nifti, write_seg_nrrd
 from .outputs import atomic_write_bytes, write_all
 from .preview import preview_image, write_png
+from .system import machine
 from .terminology import LIVER
 from .volume import Volume
 
@@ -115,7 +115,7 @@ def segment_file(
         "postprocess": postprocess,
         "outputs": {k: p.name for k, p in paths.items()},
         "liverseg_version": __version__,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
     }
     writers = {paths[f]: (lambda p, f=f: FORMATS[f].write(p, ct, result)) for f in formats}
     if "preview" in paths:

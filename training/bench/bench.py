@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -215,18 +214,10 @@ def machine() -> dict:
     """CPU model, cores, bf16 support, torch version."""
     import torch
     from LiverSegUNetLib.inference import cpu_has_bf16
+    from LiverSegUNetLib.system import cpu_name
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "bf16": cpu_has_bf16(),
         "torch": torch.__version__,
