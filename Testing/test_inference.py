@@ -119,17 +119,15 @@ def test_probe_pass_gives_the_same_mask_as_every_slice(patient, bundled_model, m
     """Skipping slices outside the liver's extent must not change the postprocessed result."""
     ct = _crop(patient("3Dircadb1.1").ct, 0, 70)  # the liver starts at slice 27: the probe pass skips slices
     ran = []  # slices through the network, per run
-    real_runtime = inference.runtime_network
 
-    def counting_runtime(network, device):
-        net, dtype, autocast = real_runtime(network, device)
-        return (lambda x: ran.append(len(x)) or net(x)), dtype, autocast
+    def counting(network, device):
+        real = runtime_network(network, device)
+        return real._replace(run=lambda x: ran.append(len(x)) or real.run(x))
 
-    monkeypatch.setattr(inference, "runtime_network", counting_runtime)
-    probed = segment(ct, bundled_model, device="cpu").mask.array
+    probed = segment(ct, bundled_model, device="cpu", runtime=counting).mask.array
     probed_slices, ran[:] = sum(ran), []
     monkeypatch.setattr(inference, "PROBE_MM", 0.0)  # stride 1: every slice runs
-    every = segment(ct, bundled_model, device="cpu").mask.array
+    every = segment(ct, bundled_model, device="cpu", runtime=counting).mask.array
     assert probed.any() and sum(ran) == 70
     assert probed_slices < 0.8 * 70
     np.testing.assert_array_equal(probed, every)
@@ -152,9 +150,10 @@ def test_runtime_network_matches_the_trained_network(bundled_model):
     x = torch.rand(2, bundled_model.plan.in_channels, 64, 64)
     with torch.inference_mode():
         reference = torch.sigmoid(bundled_model.network(x))
-        net, dtype, autocast = runtime_network(bundled_model.network, "cpu")
+        net, dtype, autocast, precision = runtime_network(bundled_model.network, "cpu")
         with autocast:
             fast = torch.sigmoid(net(x.to(dtype)).float())
+    assert precision == ("bf16" if dtype == torch.bfloat16 else "fp32")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # folded away
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bundled_model.network.modules())  # original intact
     torch.testing.assert_close(fast, reference, atol=3e-2, rtol=0)

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,8 +17,8 @@ from .volume import Volume, bounding_box
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
-#: ``(network, device) -> (callable on a batch, input dtype, autocast context)``: how the network runs.
-Runtime = Callable[[object, str], tuple]
+#: ``(network, device) -> NetworkRuntime``: how the network is made ready to run (default: runtime_network).
+Runtime = Callable[[object, str], "NetworkRuntime"]
 
 
 @dataclass
@@ -157,8 +158,18 @@ def fold_batch_norm(network):
     return net
 
 
-def runtime_network(network, device: str):
-    """A copy of ``network`` as inference runs it, with the input dtype and the autocast context.
+class NetworkRuntime(NamedTuple):
+    """The network as inference runs it: a callable on a batch, the batch's dtype, the autocast context to
+    run it in, and the name of the precision that results (reported in summaries)."""
+
+    run: Callable
+    dtype: object
+    autocast: object
+    precision: str
+
+
+def runtime_network(network, device: str) -> NetworkRuntime:
+    """``network`` prepared for inference on ``device``; the one place the inference precision is decided.
 
     Batch norm is folded into the preceding convolutions (18 fewer passes over the activations);
     on CPUs that compute bfloat16 natively the weights are stored in bfloat16 (no per-call casts)
@@ -172,9 +183,9 @@ def runtime_network(network, device: str):
     if device == "cpu":
         net.to(memory_format=torch.channels_last)
         if cpu_has_bf16():
-            return net.to(torch.bfloat16), torch.bfloat16, contextlib.nullcontext()
-    autocast, _ = autocast_for(device)
-    return net, torch.float32, autocast
+            return NetworkRuntime(net.to(torch.bfloat16), torch.bfloat16, contextlib.nullcontext(), "bf16")
+    autocast, precision = autocast_for(device)
+    return NetworkRuntime(net, torch.float32, autocast, precision)
 
 
 def liver_range(positive: np.ndarray, probes: np.ndarray, stride: int, n: int) -> tuple[int, int] | None:
@@ -209,7 +220,7 @@ def predict_canonical(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     seconds: dict | None = None,
-    runtime: Runtime | None = None,
+    network: NetworkRuntime | None = None,
 ) -> np.ndarray:
     """uint8 mask for a canonical ``[k, j, i]`` HU array with ``(i, j, k)`` spacing in mm.
 
@@ -218,7 +229,7 @@ def predict_canonical(
     component run (:func:`liver_range`: the result is the same as running every slice). The
     probabilities stay on the (smaller) model grid as uint8; postprocessing runs there too, and the
     full-resolution mask is built batch by batch, so memory beyond the input and output arrays stays
-    small. ``runtime`` (default :func:`runtime_network`) turns the network into what runs the batches.
+    small. ``network`` is the model's network as it runs (default: :func:`runtime_network`).
     """
     import torch
 
@@ -235,7 +246,7 @@ def predict_canonical(
     h, w = grid.size
     low = np.zeros((n, h, w), dtype=np.uint8)  # probability x 255 on the model grid
     level = int(round(plan.threshold * 255))
-    net, dtype, autocast = (runtime or runtime_network)(model.network, device)
+    net, dtype, autocast, _ = network or runtime_network(model.network, device)
     channels_last = torch.channels_last if device == "cpu" else torch.contiguous_format
     done = np.zeros(n, dtype=bool)
 
@@ -346,9 +357,9 @@ def segment(
     reorient = Reorientation(volume)
     canonical = reorient.forward(volume.array)
     spacing = reorient.spacing(volume)
+    network = (runtime or runtime_network)(model.network, device)
     mask = predict_canonical(
-        canonical, spacing, model, device, batch_size, postprocess, progress, cancel, seconds, runtime
+        canonical, spacing, model, device, batch_size, postprocess, progress, cancel, seconds, network
     )
     result = np.ascontiguousarray(reorient.backward(mask))
-    _, precision = autocast_for(device)
-    return Segmentation(volume.with_array(result), model.model_id, device, precision, seconds)
+    return Segmentation(volume.with_array(result), model.model_id, device, network.precision, seconds)

@@ -77,7 +77,7 @@ def onnxruntime_runtime(model, folder: str):
     def run(batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"x": batch.float().contiguous().numpy()})[0])
 
-    return lambda network, device: (run, torch.float32, contextlib.nullcontext())
+    return lambda network, device: inference.NetworkRuntime(run, torch.float32, contextlib.nullcontext(), "fp32")
 
 
 def _run_ours(patient_dir: Path, stack: int, device: str, onnxruntime: bool = False) -> dict:
