@@ -99,8 +99,13 @@ def save_model(
             "weights_sha256": sha256_bytes(data),
             "weights_dtype": dtype,
             "provenance": provenance or {},
-            "license": "Weights trained on 3D-IRCADb-01 (IRCAD France, CC BY-NC-ND 4.0): "
-            "non-commercial research use only; not a medical device.",
+            "license": "Weights trained on 3D-IRCADb-01 (IRCAD France, CC BY-NC-ND 4.0)"
+            + (
+                " and Medical Segmentation Decathlon Task03 Liver slices (LiTS, CC BY-SA 4.0)"
+                if (provenance or {}).get("extra_2d_slices")
+                else ""
+            )
+            + ": non-commercial research use only; not a medical device.",
         }
     )
     from .outputs import atomic_write_bytes
