@@ -476,7 +476,8 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
 
         Without ``outputSegmentation``, ``finishJob`` creates one for the result.
         """
-        from LiverSegUNetLib.inference import check_ct, resolve_device
+        from LiverSegUNetLib.inference import check_ct
+        from LiverSegUNetLib.runtime import resolve_device
 
         volume = self.volumeFromNode(inputVolume)
         check_ct(volume)  # refused here, in the main thread, before a worker starts

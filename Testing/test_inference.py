@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import TEST_PATIENT
-from LiverSegUNetLib import inference, metrics
+from LiverSegUNetLib import metrics, slicing
 from LiverSegUNetLib.errors import Cancelled, InputError
-from LiverSegUNetLib.inference import body_box, liver_range, runtime_network, segment
+from LiverSegUNetLib.inference import segment
 from LiverSegUNetLib.postprocess import fill_holes_per_slice, largest_component
+from LiverSegUNetLib.runtime import runtime_network
+from LiverSegUNetLib.slicing import body_box, liver_range
 from LiverSegUNetLib.volume import Volume
 
 
@@ -126,7 +128,7 @@ def test_probe_pass_gives_the_same_mask_as_every_slice(patient, bundled_model, m
 
     probed = segment(ct, bundled_model, device="cpu", runtime=counting).mask.array
     probed_slices, ran[:] = sum(ran), []
-    monkeypatch.setattr(inference, "PROBE_MM", 0.0)  # stride 1: every slice runs
+    monkeypatch.setattr(slicing, "PROBE_MM", 0.0)  # stride 1: every slice runs
     every = segment(ct, bundled_model, device="cpu", runtime=counting).mask.array
     assert probed.any() and sum(ran) == 70
     assert probed_slices < 0.8 * 70

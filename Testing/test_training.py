@@ -16,8 +16,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from LiverSegUNetLib.inference import autocast_for, segment  # noqa: E402
+from LiverSegUNetLib.inference import segment  # noqa: E402
 from LiverSegUNetLib.preprocess import Plan  # noqa: E402
+from LiverSegUNetLib.runtime import autocast_for  # noqa: E402
 from LiverSegUNetLib.volume import Volume  # noqa: E402
 from LiverSegUNetLib.weights import load_model, save_model  # noqa: E402
 

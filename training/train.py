@@ -36,10 +36,11 @@ sys.path.insert(0, str(ROOT / "LiverSegUNet"))
 sys.path.insert(0, str(ROOT))  # run as ``python training/train.py``: the training package beside it
 
 from LiverSegUNetLib import metrics  # noqa: E402
-from LiverSegUNetLib.inference import autocast_for, prepare_slices, resolve_device, segment  # noqa: E402
+from LiverSegUNetLib.inference import prepare_slices, segment  # noqa: E402
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root  # noqa: E402
 from LiverSegUNetLib.model import UNet2D  # noqa: E402
 from LiverSegUNetLib.preprocess import Plan, Reorientation, SliceGrid, to_model_grid, with_context  # noqa: E402
+from LiverSegUNetLib.runtime import autocast_for, resolve_device  # noqa: E402
 from LiverSegUNetLib.system import machine  # noqa: E402
 from LiverSegUNetLib.weights import LoadedModel, load_model, save_model  # noqa: E402
 

@@ -47,8 +47,8 @@ BAR_FORMAT = "{desc:<12} {bar:30} {percentage:3.0f}% {elapsed}"
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .inference import resolve_device
     from .pipeline import segment_batch
+    from .runtime import resolve_device
     from .weights import load_model
 
     if args.sample:

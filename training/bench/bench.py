@@ -63,12 +63,12 @@ def onnxruntime_runtime(model, folder: str):
 
     import onnxruntime
     import torch
-    from LiverSegUNetLib import inference
+    from LiverSegUNetLib import runtime
 
     path = str(Path(folder) / "network.onnx")
     x = torch.zeros(1, model.plan.in_channels, 64, 64)
     dims = {0: "n", 2: "h", 3: "w"}
-    net = inference.fold_batch_norm(model.network).float()
+    net = runtime.fold_batch_norm(model.network).float()
     torch.onnx.export(
         net, (x,), path, input_names=["x"], output_names=["y"], dynamic_axes={"x": dims, "y": dims}, dynamo=False
     )
@@ -77,7 +77,7 @@ def onnxruntime_runtime(model, folder: str):
     def run(batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"x": batch.float().contiguous().numpy()})[0])
 
-    return lambda network, device: inference.NetworkRuntime(run, torch.float32, contextlib.nullcontext(), "fp32")
+    return lambda network, device: runtime.NetworkRuntime(run, torch.float32, contextlib.nullcontext(), "fp32")
 
 
 def _run_ours(patient_dir: Path, stack: int, device: str, onnxruntime: bool = False) -> dict:
@@ -213,7 +213,7 @@ def measure(method: str, patient_dir: Path, stack: int = 0, device: str = "cpu",
 def machine() -> dict:
     """CPU model, cores, bf16 support, torch version."""
     import torch
-    from LiverSegUNetLib.inference import cpu_has_bf16
+    from LiverSegUNetLib.runtime import cpu_has_bf16
     from LiverSegUNetLib.system import cpu_name
 
     return {
