@@ -1,6 +1,7 @@
 """Print a digest of the bundled model's mask for each CT, to check that a change leaves the output identical.
 
-    python Testing/mask_digest.py ../shared/data/3Dircadb1/3Dircadb1.17 LiverSegUNet/LiverSegUNetLib/sample_data/totalseg_example_ct
+    python Testing/mask_digest.py ../shared/data/3Dircadb1/3Dircadb1.17 \
+        LiverSegUNet/LiverSegUNetLib/sample_data/totalseg_example_ct
 
 Run it on two commits (or two checkouts, with PYTHONPATH=<checkout>/LiverSegUNet) on the same
 machine and compare: the same digest means the same mask, voxel for voxel. Digests are compared on
