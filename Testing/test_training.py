@@ -31,7 +31,8 @@ TINY = ["epochs=1", "base=4", "depth=2", "crop=64", "batch_size=4"]
 def _train(ircadb_root, out: Path, config: str, *sets: str, runner=(sys.executable,)) -> subprocess.CompletedProcess:
     cmd = [
         *runner,
-        str(ROOT / "training" / "train.py"),
+        "-m",
+        "training.train",
         str(CONFIGS / f"{config}.toml"),
         "--data",
         str(ircadb_root.parent),
@@ -40,7 +41,7 @@ def _train(ircadb_root, out: Path, config: str, *sets: str, runner=(sys.executab
     ]
     for s in (*TINY, *sets):
         cmd += ["--set", s]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def test_tiny_training_run_exports_a_loadable_model(ircadb_root, patient, tmp_path):
@@ -214,7 +215,7 @@ def test_report_is_written_from_runs(tmp_path):
                 "precision": "bf16",
                 "processes": 1,
                 "device": "cpu",
-                "command": f"python training/train.py {exp}",
+                "command": f"python -m training.train {exp}",
             }
             (folder / "model.json").write_text(json.dumps({"provenance": prov}))
             hist = [

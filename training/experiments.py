@@ -1,10 +1,10 @@
 """Run the report's experiments leave-one-patient-out, retrain the best on every patient, write the report.
 
-    python training/experiments.py                 # everything: LOO runs, final model, RESULTS.md + plots
-    python training/experiments.py --stage loo     # only the leave-one-out runs (finished runs are skipped)
-    python training/experiments.py --stage robustness   # score every fold model on the robustness conditions
-    python training/experiments.py --stage final   # retrain the best liver experiment on all patients, bundle it
-    python training/report.py                      # only regenerate RESULTS.md and the plots
+    python -m training.experiments                 # everything: LOO runs, final model, RESULTS.md + plots
+    python -m training.experiments --stage loo     # only the leave-one-out runs (finished runs are skipped)
+    python -m training.experiments --stage robustness   # score every fold model on the robustness conditions
+    python -m training.experiments --stage final   # retrain the best liver experiment on all patients, bundle it
+    python -m training.report                      # only regenerate RESULTS.md and the plots
 
 Every patient folder found under <data>/3Dircadb1 is a fold: it is the test patient, the others
 train. Transfer runs start from the same fold's bone_pretrain model. Extra ``--set`` values are
@@ -20,10 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "LiverSegUNet"))
+from LiverSegUNetLib.io.ircadb import default_data_root, is_ircadb_patient
 
-from LiverSegUNetLib.io.ircadb import default_data_root, is_ircadb_patient  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = ROOT / "training" / "configs"
 EXPERIMENTS = [
@@ -64,7 +63,8 @@ def run(config: str, out: Path, data: Path, sets: list[str]) -> None:
         return
     cmd = [
         sys.executable,
-        str(ROOT / "training" / "train.py"),
+        "-m",
+        "training.train",
         str(CONFIGS / f"{config}.toml"),
         "--data",
         str(data),
@@ -76,7 +76,7 @@ def run(config: str, out: Path, data: Path, sets: list[str]) -> None:
     if (out / "checkpoint.json").exists():
         cmd.append("--resume")
     print("running:", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 def loo(data: Path, runs: Path, extra: list[str], only: list[str]) -> None:
@@ -174,7 +174,7 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
         ),
         "leave_one_out_metrics": loo_metrics,
         **({"robustness_dice": robustness[best]} if robustness and best in robustness else {}),
-        "command": "python training/experiments.py --stage final",
+        "command": "python -m training.experiments --stage final",
     }
     card = save_model(
         model.network,
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("all", "final"):
         final(data, args.runs, args.set, robustness_file)
     if args.stage in ("all", "report"):
-        from report import write_report
+        from training.report import write_report
 
         write_report(args.runs, args.results)
     return 0

@@ -1,6 +1,6 @@
 """Install a trained model (a run's model.json) as the model the extension and the CLI bundle.
 
-python training/export.py training/runs/liver_first/model.json
+python -m training.export training/runs/liver_first/model.json
 """
 
 from __future__ import annotations
@@ -9,15 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "LiverSegUNet"))
+from LiverSegUNetLib.weights import DEFAULT_MODEL, load_model, save_model
 
-from LiverSegUNetLib.weights import DEFAULT_MODEL, load_model, save_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="model card (.json) written by training/train.py")
+    parser.add_argument("model", type=Path, help="model card (.json) written by training.train")
     parser.add_argument(
         "--to", type=Path, default=DEFAULT_MODEL, help=f"destination card (default: {DEFAULT_MODEL.relative_to(ROOT)})"
     )

@@ -1,6 +1,6 @@
 """Write training/results/RESULTS.md and the learning-curve PNGs from the leave-one-out runs.
 
-python training/report.py [--runs training/runs/loo] [--results training/results]
+python -m training.report [--runs training/runs/loo] [--results training/results]
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
+from LiverSegUNetLib.system import machine
 
-from experiments import EXPERIMENTS, LIVER, portable  # noqa: E402
-from LiverSegUNetLib.system import machine  # noqa: E402
+from training.experiments import EXPERIMENTS, LIVER, portable
+
+ROOT = Path(__file__).resolve().parents[1]
 
 METRICS = [
     ("dice", "Dice", "{:.3f}"),
@@ -123,7 +123,7 @@ def write_report(runs: Path, out: Path) -> Path:
     lines = [
         "# Training results: scratch vs bone-to-liver transfer, leave-one-patient-out",
         "",
-        "Written by `python training/report.py` from the runs of `python training/experiments.py`",
+        "Written by `python -m training.report` from the runs of `python -m training.experiments`",
         f"({datetime.now(UTC):%Y-%m-%d}). Every patient of 3D-IRCADb-01 found in the data folder is held",
         "out once; the others train. Metrics are 3D, on the held-out patient's original grid, after the",
         "product's postprocessing (largest component, hole filling; none for bone), computed by",

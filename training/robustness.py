@@ -146,7 +146,9 @@ def loo_models(runs: Path, experiments: list[str], device: str) -> dict[str, lis
         for patient in model.card["provenance"]["test_patients"]:
             found.setdefault(experiment, []).append((model, patient))
     if not found:
-        raise SystemExit(f"no leave-one-out liver models under {runs}; run training/experiments.py --stage loo first")
+        raise SystemExit(
+            f"no leave-one-out liver models under {runs}; run python -m training.experiments --stage loo first"
+        )
     return found
 
 

@@ -1,13 +1,15 @@
 """Train a U-Net on 3D-IRCADb masks (liver or bone), validate on held-out patients, save the model.
 
-    python training/train.py training/configs/liver_scratch.toml [--set key=value ...] [--out DIR] [--resume]
-    torchrun --nproc_per_node 2 training/train.py CONFIG ...      (DistributedDataParallel, no code change)
+    python -m training.train training/configs/liver_scratch.toml [--set key=value ...] [--out DIR] [--resume]
+    torchrun --nproc_per_node 2 -m training.train CONFIG ...      (DistributedDataParallel, no code change)
+
+Run from the repository root with the project installed (``pip install -e ".[training]"``).
 
 A config file is one experiment (``extends`` another to inherit); ``--set epochs=5 --set
 plan.spacing_mm=2.0`` overrides values. Each epoch logs the training loss and, on the test
 patients' slices, loss, Dice and pixel accuracy; the end of the run evaluates the test patients in
 3D on their original grid with the product's own inference and postprocessing and saves
-``model.json`` + ``model.safetensors`` (install it as the bundled model with training/export.py).
+``model.json`` + ``model.safetensors`` (install it as the bundled model with ``python -m training.export``).
 A checkpoint is written every epoch; ``--resume`` continues from it.
 """
 
@@ -29,22 +31,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from LiverSegUNetLib import metrics
+from LiverSegUNetLib.inference import prepare_slices, segment
+from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
+from LiverSegUNetLib.model import UNet2D
+from LiverSegUNetLib.preprocess import Plan, Reorientation, SliceGrid, to_model_grid, with_context
+from LiverSegUNetLib.runtime import autocast_for, resolve_device
+from LiverSegUNetLib.system import machine
+from LiverSegUNetLib.weights import LoadedModel, load_model, save_model
 from tqdm import tqdm
 
+from training import appearance
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "LiverSegUNet"))
-sys.path.insert(0, str(ROOT))  # run as ``python training/train.py``: the training package beside it
-
-from LiverSegUNetLib import metrics  # noqa: E402
-from LiverSegUNetLib.inference import prepare_slices, segment  # noqa: E402
-from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root  # noqa: E402
-from LiverSegUNetLib.model import UNet2D  # noqa: E402
-from LiverSegUNetLib.preprocess import Plan, Reorientation, SliceGrid, to_model_grid, with_context  # noqa: E402
-from LiverSegUNetLib.runtime import autocast_for, resolve_device  # noqa: E402
-from LiverSegUNetLib.system import machine  # noqa: E402
-from LiverSegUNetLib.weights import LoadedModel, load_model, save_model  # noqa: E402
-
-from training import appearance  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -571,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "held_out_metrics": final,
             "command": " ".join(
-                ["python training/train.py", _relative(args.config), *[f"--set '{s}'" for s in args.set]]
+                ["python -m training.train", _relative(args.config), *[f"--set '{s}'" for s in args.set]]
             ),
         }
         card = save_model(
