@@ -90,3 +90,26 @@ def test_no_pickle_loading_anywhere():
             if path.name != Path(__file__).name and pattern.search(path.read_text()):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_the_shipped_card_holds_its_tables_and_the_readme_shows_them():
+    """The bundled model's card keeps the leave-one-out and robustness tables it was chosen on; the README matches."""
+    import statistics
+
+    from LiverSegUNetLib.weights import DEFAULT_MODEL
+
+    provenance = json.loads(DEFAULT_MODEL.read_text())["provenance"]
+    loo, robustness = provenance["leave_one_out_metrics"], provenance["robustness_dice"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    patients = sorted(loo, key=lambda p: int(p.rsplit(".", 1)[1]))
+    assert len(patients) == 3 and "robustness" in provenance["chosen_as"]
+    for patient in patients:
+        m = loo[patient]
+        assert f"| {patient} | {m['dice']:.3f} | {m['assd_mm']:.2f} mm | {m['hd95_mm']:.1f} mm |" in readme, patient
+    conditions = {"native", "thick_3mm", "thick_5mm", "unenhanced", "unenhanced_3mm", "low_dose", "pixel_1.0mm"}
+    assert conditions <= set(robustness)
+    for condition, per_patient in robustness.items():
+        assert set(per_patient) == set(patients), condition  # every held-out patient, scored by its own fold
+        cells = " | ".join(f"{per_patient[p]:.3f}" for p in patients)
+        mean = statistics.mean(per_patient.values())
+        assert f"| {condition} | {cells} | {mean:.3f} |" in readme, condition
