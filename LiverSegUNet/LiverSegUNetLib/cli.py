@@ -95,7 +95,7 @@ def _segment(args: argparse.Namespace) -> int:
         progress=bar,
     )
     if single and rows[0]["status"] == "ok":
-        summary = json.loads((Path(args.output) / f"{rows[0]['case']}.summary.json").read_text())
+        summary = rows[0]["summary"]
         s = summary["seconds"]
         print(
             f"{summary['case']}: liver {summary['liver_volume_ml']:.1f} ml in {summary['slices']} slices; "

@@ -191,7 +191,7 @@ def segment_batch(
 
     Cases whose outputs already exist complete are skipped unless ``overwrite``. With
     ``write_summary``, writes ``batch_summary.json`` into ``out_dir`` (also when interrupted).
-    Returns one row per case.
+    Returns one row per case (a finished case's row also holds its summary dict).
     """
     formats, preview = list(options.get("formats", ("seg.nrrd",))), options.get("preview", True)
     rows: list[dict] = []
@@ -221,7 +221,7 @@ def segment_batch(
                     )
                 else:
                     summary = segment_file(path, out_dir, **options)
-                    row.update(status="ok", liver_volume_ml=summary["liver_volume_ml"])
+                    row.update(status="ok", liver_volume_ml=summary["liver_volume_ml"], summary=summary)
                     if not summary["liver_found"]:
                         row["reason"] = NO_LIVER
             except (KeyboardInterrupt, Cancelled):
@@ -240,5 +240,6 @@ def segment_batch(
                 on_case(row)
     finally:
         if write_summary:
-            atomic_write_bytes(Path(out_dir) / "batch_summary.json", (json.dumps(rows, indent=1) + "\n").encode())
+            table = [{k: v for k, v in r.items() if k != "summary"} for r in rows]  # each case has its own file
+            atomic_write_bytes(Path(out_dir) / "batch_summary.json", (json.dumps(table, indent=1) + "\n").encode())
     return rows
