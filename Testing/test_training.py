@@ -149,7 +149,7 @@ def _cfg(**over):
 
 def test_transfer_loads_the_source_encoder(source_card):
     cfg = _cfg(base=4, depth=2, init_from=json.dumps(str(source_card)))
-    net = train.build_network(cfg, train.plan_of(cfg))
+    net = train.initial_network(cfg, train.plan_of(cfg))
     source = load_model(source_card).network
     for a, b in zip(net.encoder_parameters(), source.encoder_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -159,7 +159,7 @@ def test_transfer_loads_the_source_encoder(source_card):
 @pytest.mark.parametrize("frozen", [True, False])
 def test_frozen_encoder_does_not_move_and_decoder_does(source_card, frozen):
     cfg = _cfg(base=4, depth=2, init_from=json.dumps(str(source_card)), freeze_encoder=str(frozen).lower())
-    net = train.build_network(cfg, train.plan_of(cfg))
+    net = train.initial_network(cfg, train.plan_of(cfg))
     before_enc = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(("encoder", "bottleneck"))}
     before_dec = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(("decoder", "ups", "head"))}
     trainable = [p for p in net.parameters() if p.requires_grad]

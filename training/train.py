@@ -38,7 +38,7 @@ from LiverSegUNetLib.model import UNet2D
 from LiverSegUNetLib.preprocess import Plan, Reorientation, SliceGrid, to_model_grid, with_context
 from LiverSegUNetLib.runtime import autocast_for, resolve_device
 from LiverSegUNetLib.system import machine
-from LiverSegUNetLib.weights import LoadedModel, load_model, save_model
+from LiverSegUNetLib.weights import LoadedModel, build_network, load_model, save_model
 from tqdm import tqdm
 
 from training import appearance
@@ -269,9 +269,10 @@ def augment(x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator) -
 # -- model -----------------------------------------------------------------------------------
 
 
-def build_network(cfg: dict, plan: Plan) -> UNet2D:
-    """A fresh U-Net, or one initialised from ``init_from``; the encoder frozen if ``freeze_encoder``."""
-    net = UNet2D(plan.in_channels, 1, cfg["base"], cfg["depth"])
+def initial_network(cfg: dict, plan: Plan) -> UNet2D:
+    """The network a run starts from: fresh, or initialised from ``init_from``; the encoder frozen if asked."""
+    architecture = {"name": "UNet2D", "in_channels": plan.in_channels, "out_channels": 1}
+    net = build_network({**architecture, "base": cfg["base"], "depth": cfg["depth"]})
     if cfg["init_from"]:
         source = load_model(ROOT / cfg["init_from"] if not Path(cfg["init_from"]).is_absolute() else cfg["init_from"])
         net.load_state_dict(source.network.state_dict())
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         time.perf_counter() - t0,
     )
 
-    net = build_network(cfg, plan).to(device)
+    net = initial_network(cfg, plan).to(device)
     if device == "cpu":
         net = net.to(memory_format=torch.channels_last)
     trainable = [p for p in net.parameters() if p.requires_grad]
