@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from .volume import bounding_box
+
 
 def _counts(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, int]:
     p, r = pred.astype(bool), ref.astype(bool)
@@ -69,11 +71,8 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing_mm) -> tuple[np
     both = p | r
     if not p.any() or not r.any():
         return np.array([]), np.array([])
-    lo = [
-        max(0, int(np.flatnonzero(both.any(axis=tuple(a for a in range(3) if a != ax))).min()) - 1) for ax in range(3)
-    ]
-    hi = [int(np.flatnonzero(both.any(axis=tuple(a for a in range(3) if a != ax))).max()) + 2 for ax in range(3)]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    # one voxel of margin, so surfaces at the box's edge are still surfaces
+    box = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in bounding_box(both))
     sp, sr = surface(p[box]), surface(r[box])
     return _directed(sp, sr, spacing_mm), _directed(sr, sp, spacing_mm)
 
