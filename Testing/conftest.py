@@ -12,6 +12,7 @@ import pytest
 # provides; must be on sys.path before anything imports `slicer`.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "slicer_harness"))
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
+from patients import PATIENTS
 
 GET_DATA = (
     "3D-IRCADb-01 not found at {root}. Download it from "
@@ -23,11 +24,6 @@ GET_MSD = (
     "http://medicaldecathlon.com/, as images/*.jpg and masks/*.jpg) not found at {root}; "
     "place it beside 3Dircadb1/ under <data>, or point LIVERSEG_DATA at <data>."
 )
-PATIENTS = ("3Dircadb1.1", "3Dircadb1.7", "3Dircadb1.17")
-# The bundled model is trained on all three shared patients (training/results/RESULTS.md gives its
-# leave-one-out numbers), so end-to-end checks on this patient guard the pipeline (reading,
-# geometry, writing), not generalisation to unseen patients.
-TEST_PATIENT = "3Dircadb1.17"
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEST_PATIENT
 from dicom_factory import write_series
 from LiverSegUNetLib.cli import main
 from LiverSegUNetLib.io.segnrrd import read_mask, read_seg_nrrd
 from LiverSegUNetLib.metrics import dice
 from LiverSegUNetLib.weights import DEFAULT_MODEL
+from patients import TEST_PATIENT
 
 LIVERSEG = str(Path(sys.executable).with_name("liverseg"))
 

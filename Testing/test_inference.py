@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TEST_PATIENT
 from LiverSegUNetLib import metrics, slicing
 from LiverSegUNetLib.errors import Cancelled, InputError
 from LiverSegUNetLib.inference import segment
@@ -12,6 +11,7 @@ from LiverSegUNetLib.postprocess import fill_holes_per_slice, largest_component
 from LiverSegUNetLib.runtime import runtime_network
 from LiverSegUNetLib.slicing import body_box, liver_range
 from LiverSegUNetLib.volume import Volume
+from patients import TEST_PATIENT
 
 
 def test_largest_component_and_holes():

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEST_PATIENT
 from dicom_factory import write_series
 from fuzz_readers import properties
 from LiverSegUNetLib.errors import InputError
 from LiverSegUNetLib.io import read_volume
+from patients import TEST_PATIENT
 
 ROOT = Path(__file__).resolve().parents[1]
 LIVERSEG = str(Path(sys.executable).with_name("liverseg"))

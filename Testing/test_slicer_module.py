@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import TEST_PATIENT
+from patients import TEST_PATIENT
 
 slicer = pytest.importorskip("slicer")
 import headless  # noqa: E402
