@@ -85,8 +85,24 @@ def variants(patient: IrcadbPatient, conditions: list[str], seed: int = 0):
         yield (condition, *CONDITIONS[condition][1](ct, liver, masks, rng))
 
 
-def score(models: dict[str, list[tuple[object, str]]], data: Path, conditions: list[str], device: str) -> dict:
-    """``{model name: {condition: {patient: dice}}}``; each model is a list of (loaded model, patient) pairs."""
+def flip_tta(network, device: str):
+    """A runtime that averages the network's logits on each slice and on its left-right mirror (2x the compute)."""
+    from LiverSegUNetLib.runtime import runtime_network
+
+    plain = runtime_network(network, device)
+
+    def run(x):
+        return (plain.run(x) + plain.run(x.flip(-1)).flip(-1)) / 2
+
+    return plain._replace(run=run, precision=plain.precision + " flip-TTA")
+
+
+def score(
+    models: dict[str, list[tuple[object, str]]], data: Path, conditions: list[str], device: str, runtime=None
+) -> dict:
+    """``{model name: {condition: {patient: dice}}}``; each model is a list of (loaded model, patient) pairs.
+
+    ``runtime`` is passed to ``segment()`` (e.g. :func:`flip_tta`)."""
     by_patient: dict[str, list[tuple[str, object]]] = {}
     for name, pairs in models.items():
         for model, patient in pairs:
@@ -97,7 +113,7 @@ def score(models: dict[str, list[tuple[object, str]]], data: Path, conditions: l
         for condition, ct, liver in variants(patient, conditions):
             for name, model in entries:
                 t = time.perf_counter()
-                seg = segment(ct, model, device=device)
+                seg = segment(ct, model, device=device, runtime=runtime)
                 value = dice(seg.mask.array, liver.array)
                 results[name][condition][patient_name] = round(float(value), 4)
                 print(
@@ -162,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated: {', '.join(CONDITIONS)}")
     parser.add_argument("--data", type=Path, default=None, help="folder holding 3Dircadb1/ (default: $LIVERSEG_DATA)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x the compute)")
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here and a .md table beside it")
     args = parser.parse_args(argv)
 
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         seen = sorted(trained_on & set(patients))
         note = f"The model was trained on {', '.join(seen)}: those columns are not held out." if seen else ""
     t = time.perf_counter()
-    results = score(models, data, conditions, args.device)
+    results = score(models, data, conditions, args.device, flip_tta if args.tta else None)
     text = table(results, conditions, note)
     print(text)
     print(f"({time.perf_counter() - t:.0f} s)")
