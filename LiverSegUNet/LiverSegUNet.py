@@ -186,7 +186,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
             return
         with slicer.util.tryWithErrorDisplay(_("Liver segmentation failed."), waitCursor=True):
             missing = self.logic.missingDependencies()
-            if not self.logic.ensureDependencies(askConfirmation=True):
+            if not self.logic.ensureDependencies(askConfirmation=True, missing=missing):
                 self.ui.statusLabel.text = _(
                     "Not run: the module needs {packages}. Click Apply again to install them."
                 ).format(packages=", ".join(missing))
@@ -361,13 +361,14 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         missing += [requirement for module, requirement in PIP_REQUIREMENTS if importlib.util.find_spec(module) is None]
         return missing
 
-    def ensureDependencies(self, askConfirmation=True):
+    def ensureDependencies(self, askConfirmation=True, missing=None):
         """Install what is missing after one confirmation; False if the user declined.
 
         PyTorch comes from the PyTorch extension (PyTorchUtils picks the CPU or CUDA build), never
-        from a bare pip install; the small packages come from pip.
+        from a bare pip install; the small packages come from pip. ``missing`` is
+        :meth:`missingDependencies` when the caller already has it.
         """
-        missing = self.missingDependencies()
+        missing = self.missingDependencies() if missing is None else missing
         if not missing:
             return True
         needTorch = "PyTorch" in missing

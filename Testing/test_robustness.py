@@ -10,22 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from LiverSegUNetLib.volume import Volume
+from LiverSegUNetLib.weights import DEFAULT_MODEL
+
+from training import appearance
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from LiverSegUNetLib.volume import Volume  # noqa: E402
-from LiverSegUNetLib.weights import DEFAULT_MODEL  # noqa: E402
-
-from training import appearance  # noqa: E402
 
 
 def _centroid_lps(mask: Volume) -> np.ndarray:
     k, j, i = np.nonzero(mask.array)
     return (mask.ijk_to_lps() @ np.array([i.mean(), j.mean(), k.mean(), 1.0]))[:3]
-
-
-def _masks(p) -> dict[str, np.ndarray]:
-    return {n: p.mask(n).array for n in appearance.MASK_NAMES if n in p.organs}
 
 
 def test_slab_average_is_the_overlap_weighted_mean():
@@ -71,7 +66,7 @@ def test_in_plane_pixels_keep_the_field_of_view_and_the_liver(patient):
 
 def test_unenhanced_moves_enhanced_organs_and_leaves_air_fat_and_bone(patient):
     p = patient("3Dircadb1.1")  # has liver, spleen, kidneys, vessels and bone masks
-    masks = _masks(p)
+    masks = appearance.masks_of(p)
     ct = p.ct.array
     plain = appearance.unenhanced(p.ct, masks, np.random.default_rng(0)).array
     median = {n: float(np.median(plain[masks[n] > 0])) for n in ("liver", "spleen", "portalvein", "rightkidney")}

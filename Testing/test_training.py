@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from LiverSegUNetLib.inference import segment
+from LiverSegUNetLib.preprocess import Plan
+from LiverSegUNetLib.runtime import autocast_for
+from LiverSegUNetLib.volume import Volume
+from LiverSegUNetLib.weights import load_model, save_model
+
+from training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from LiverSegUNetLib.inference import segment  # noqa: E402
-from LiverSegUNetLib.preprocess import Plan  # noqa: E402
-from LiverSegUNetLib.runtime import autocast_for  # noqa: E402
-from LiverSegUNetLib.volume import Volume  # noqa: E402
-from LiverSegUNetLib.weights import load_model, save_model  # noqa: E402
-
-from training import train  # noqa: E402
 
 CONFIGS = ROOT / "training" / "configs"
 TINY = ["epochs=1", "base=4", "depth=2", "crop=64", "batch_size=4"]

@@ -92,10 +92,20 @@ def unenhanced_hu(
     return out
 
 
+def masks_of(patient) -> dict[str, np.ndarray]:
+    """The expert masks of a 3D-IRCADb patient that the unenhanced mapping reads, those it has."""
+    return {name: patient.mask(name).array for name in MASK_NAMES if name in patient.organs}
+
+
+def unenhanced_from_masks(hu: np.ndarray, masks: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """:func:`unenhanced_hu` with the structures taken from 3D-IRCADb masks (float32 HU)."""
+    labels, names = structure_labels(hu.shape, masks)
+    return unenhanced_hu(hu, labels, names, masks.get("bone"), rng)
+
+
 def unenhanced(ct: Volume, masks: dict[str, np.ndarray], rng: np.random.Generator) -> Volume:
     """The CT without contrast enhancement, from its HU and the expert masks it has (see the module docstring)."""
-    labels, names = structure_labels(ct.shape, masks)
-    out = unenhanced_hu(ct.array, labels, names, masks.get("bone"), rng)
+    out = unenhanced_from_masks(ct.array, masks, rng)
     return ct.with_array(np.clip(np.round(out), -1024, 3071).astype(np.int16), appearance="unenhanced")
 
 

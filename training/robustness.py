@@ -78,7 +78,7 @@ CONDITIONS: dict[str, tuple[str, Variant]] = {
 def variants(patient: IrcadbPatient, conditions: list[str], seed: int = 0):
     """Yield ``(condition, ct, liver)`` for one patient, each made from the original with a fixed seed."""
     ct = patient.ct
-    masks = {name: patient.mask(name).array for name in appearance.MASK_NAMES if name in patient.organs}
+    masks = appearance.masks_of(patient)
     liver = ct.with_array(masks["liver"])
     for condition in conditions:
         rng = np.random.default_rng([seed, sum(map(ord, patient.name + condition))])

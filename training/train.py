@@ -119,20 +119,20 @@ class PatientSlices:
     """
 
     def __init__(self, patient: IrcadbPatient, organ: str, plan: Plan, unenhanced: bool = False):
-        ct, mask = patient.ct, patient.mask(organ)
+        ct = patient.ct
+        masks = appearance.masks_of(patient) if unenhanced else {}
+        mask = masks[organ] if organ in masks else patient.mask(organ).array
         reorient = Reorientation(ct)
         grid = SliceGrid.for_slices(ct.shape[1:], reorient.spacing(ct)[:2], plan)
         hu = torch.from_numpy(np.ascontiguousarray(reorient.forward(ct.array)))
-        lab = torch.from_numpy(np.ascontiguousarray(reorient.forward(mask.array)))
+        lab = torch.from_numpy(np.ascontiguousarray(reorient.forward(mask)))
         self.name = patient.name
         self.images = prepare_slices(hu, grid, plan).half()
         self.labels = to_model_grid(lab.float(), grid).half()
         self.unenhanced = None
         if unenhanced:
-            masks = {n: patient.mask(n).array for n in appearance.MASK_NAMES if n in patient.organs}
-            labels, names = appearance.structure_labels(ct.shape, masks)
             rng = np.random.default_rng(sum(map(ord, patient.name)))
-            plain = appearance.unenhanced_hu(ct.array, labels, names, masks.get("bone"), rng)
+            plain = appearance.unenhanced_from_masks(ct.array, masks, rng)
             plain = torch.from_numpy(np.ascontiguousarray(reorient.forward(plain)))
             self.unenhanced = prepare_slices(plain, grid, plan).half()
 
