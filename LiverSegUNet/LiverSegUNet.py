@@ -311,6 +311,12 @@ class JobMonitor:
             return _("Cancelled; the segmentation was not changed.")
         if self.stats["volume_ml"] == 0:
             return _("No liver found: is it an abdominal CT that covers the liver? The Liver segment is empty.")
+        if len(self.stats["structures"]) > 1:
+            from LiverSegUNetLib.measure import describe
+
+            return _("{measurements}; in {s:.1f} s").format(
+                measurements=describe(self.stats["structures"]), s=self.stats["seconds"]
+            )
         return _("Liver: {ml:.1f} ml in {s:.1f} s").format(ml=self.stats["volume_ml"], s=self.stats["seconds"])
 
 
@@ -522,9 +528,13 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
             return None
         if job.outputSegmentation is None:  # created only now, so a failed or cancelled run adds no node
             job.outputSegmentation = self.newSegmentationNode(job.inputVolume)
-        self.writeLiverSegment(job.outputSegmentation, job.inputVolume, job.result.mask.array)
+        result = job.result
+        self.writeSegments(job.outputSegmentation, job.inputVolume, result.structures, [m.array for m in result.masks])
+        from LiverSegUNetLib.measure import measurements
+
         return {
-            "volume_ml": job.result.volume_ml,
+            "volume_ml": result.volume_ml,
+            "structures": measurements(result.structures, result.masks),
             "seconds": time.perf_counter() - job.started,
             "device": job.result.device,
             "precision": job.result.precision,
@@ -555,37 +565,64 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         return node
 
     # -- writing the result -----------------------------------------------------------------
-    def writeLiverSegment(self, segmentationNode, referenceVolume, mask):
-        """Put ``mask`` (``[k, j, i]`` on the reference volume's grid) in the 'Liver' segment, replacing it if present.
+    def writeSegments(self, segmentationNode, referenceVolume, structures, masks):
+        """One segment per structure (``masks`` ``[k, j, i]`` on the reference volume's grid), all or nothing.
 
-        Other segments are left untouched; if writing fails, a segment added here is removed again.
+        The rule for existing segments: a segment whose name is a produced structure's name (ignoring
+        case, as Slicer compares names) is that structure's segment and is replaced; every other segment
+        is left untouched. Two segments with one such name make the run refuse before anything changes.
+        If writing fails, added segments are removed and replaced ones restored. Returns the segment IDs.
         """
-        from LiverSegUNetLib.terminology import LIVER
+        from LiverSegUNetLib.errors import InputError
 
         segmentation = segmentationNode.GetSegmentation()
+        existing = {}
+        for structure in structures:
+            ids = [
+                segmentation.GetNthSegmentID(i)
+                for i in range(segmentation.GetNumberOfSegments())
+                if (segmentation.GetNthSegment(i).GetName() or "").lower() == structure.name.lower()
+            ]
+            if len(ids) > 1:
+                raise InputError(
+                    _(
+                        "'{node}' has {n} segments named '{name}'; rename or delete all but one, so the result "
+                        "replaces the right one."
+                    ).format(node=segmentationNode.GetName(), n=len(ids), name=structure.name)
+                )
+            existing[structure.name] = ids[0] if ids else ""
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
-        segmentId = segmentation.GetSegmentIdBySegmentName(LIVER.name) or (
-            LIVER_SEGMENT_ID if segmentation.GetSegment(LIVER_SEGMENT_ID) else ""
-        )
-        added = not segmentId
-        if added:
-            segmentId = segmentation.AddEmptySegment(LIVER_SEGMENT_ID, LIVER.name, list(LIVER.color))
+        added, backups, written = [], {}, []
         try:
-            slicer.util.updateSegmentBinaryLabelmapFromArray(
-                mask.astype(np.uint8), segmentationNode, segmentId, referenceVolume
-            )
+            for structure, mask in zip(structures, masks):
+                segmentId = existing[structure.name]
+                if segmentId:
+                    backups[segmentId] = slicer.vtkSegment()
+                    backups[segmentId].DeepCopy(segmentation.GetSegment(segmentId))
+                else:
+                    wanted = LIVER_SEGMENT_ID if structure.name == LIVER_SEGMENT_ID else structure.name
+                    segmentId = segmentation.AddEmptySegment(
+                        segmentation.GenerateUniqueSegmentID(wanted), structure.name, list(structure.color)
+                    )
+                    added.append(segmentId)
+                slicer.util.updateSegmentBinaryLabelmapFromArray(
+                    np.asarray(mask, dtype=np.uint8), segmentationNode, segmentId, referenceVolume
+                )
+                segment = segmentation.GetSegment(segmentId)
+                segment.SetName(structure.name)
+                segment.SetNameAutoGenerated(False)
+                segment.SetColor(*structure.color)
+                segment.SetColorAutoGenerated(False)
+                segment.SetTerminology(structure.terminology_entry())
+                written.append(segmentId)
         except Exception:
-            if added:
+            for segmentId in added:
                 segmentation.RemoveSegment(segmentId)
+            for segmentId, backup in backups.items():
+                segmentation.GetSegment(segmentId).DeepCopy(backup)
             raise
-        segment = segmentation.GetSegment(segmentId)
-        segment.SetName(LIVER.name)
-        segment.SetNameAutoGenerated(False)
-        segment.SetColor(*LIVER.color)
-        segment.SetColorAutoGenerated(False)
-        segment.SetTerminology(LIVER.terminology_entry())
         self.placeUnderStudy(segmentationNode, referenceVolume)
-        return segmentId
+        return written
 
     @staticmethod
     def placeUnderStudy(segmentationNode, referenceVolume):

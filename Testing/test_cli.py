@@ -31,9 +31,10 @@ def test_segment_real_patient_end_to_end(patient, ircadb_root, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"{TEST_PATIENT}{s}" for s in (".seg.nrrd", ".nii.gz", ".summary.json", ".preview.png"))
+    suffixes = (".seg.nrrd", ".nii.gz", ".labels.tsv", ".summary.json", ".preview.png")
+    assert names == sorted(f"{TEST_PATIENT}{s}" for s in suffixes)
     expert = patient(TEST_PATIENT).mask("liver")
-    seg, (segment,) = read_seg_nrrd(out / f"{TEST_PATIENT}.seg.nrrd")
+    (seg,), (segment,) = read_seg_nrrd(out / f"{TEST_PATIENT}.seg.nrrd")
     assert seg.same_grid(expert, tol_mm=1e-3) and segment["Name"] == "Liver"
     score = dice(seg.array > 0, expert.array)
     assert score >= 0.85, score
@@ -175,7 +176,7 @@ def test_readme_command_one_segments_the_bundled_sample_without_any_data(tmp_pat
     assert proc.stdout.startswith("totalseg_example_ct: liver ") and " ml in 20 slices" in proc.stdout
     summary = json.loads((tmp_path / "out" / "totalseg_example_ct.summary.json").read_text())
     assert 300 < summary["liver_volume_ml"] < 1000
-    seg, (segment,) = read_seg_nrrd(tmp_path / "out" / "totalseg_example_ct.seg.nrrd")
+    (seg,), (segment,) = read_seg_nrrd(tmp_path / "out" / "totalseg_example_ct.seg.nrrd")
     assert segment["Name"] == "Liver" and seg.shape == (20, 512, 512)
 
 

@@ -33,7 +33,7 @@ def _world_points(vol: Volume) -> np.ndarray:
 def test_round_trip_same_voxels_same_place(tmp_path, direction, suffix):
     mask = _mask(direction)
     path = tmp_path / f"m{suffix}"
-    (write_seg_nrrd(mask, path, LIVER) if suffix == ".seg.nrrd" else write_nifti(mask, path))
+    (write_seg_nrrd([mask], path, [LIVER]) if suffix == ".seg.nrrd" else write_nifti([mask], path))
     back = read_mask(path)
     np.testing.assert_array_equal(back.array, mask.array)
     assert back.same_grid(mask, tol_mm=1e-4)
@@ -42,7 +42,7 @@ def test_round_trip_same_voxels_same_place(tmp_path, direction, suffix):
 
 def test_seg_nrrd_fields(tmp_path):
     mask = _mask(np.eye(3))
-    write_seg_nrrd(mask, tmp_path / "m.seg.nrrd", LIVER)
+    write_seg_nrrd([mask], tmp_path / "m.seg.nrrd", [LIVER])
     _, (segment,) = read_seg_nrrd(tmp_path / "m.seg.nrrd")
     assert segment["Name"] == "Liver" and segment["LabelValue"] == "1"
     assert [round(float(c) * 255) for c in segment["Color"].split()] == [221, 130, 101]
@@ -52,7 +52,7 @@ def test_seg_nrrd_fields(tmp_path):
 def test_slicer_reads_the_seg_nrrd(tmp_path):
     slicer = pytest.importorskip("slicer")
     mask = _mask(OBLIQUE)
-    write_seg_nrrd(mask, tmp_path / "m.seg.nrrd", LIVER)
+    write_seg_nrrd([mask], tmp_path / "m.seg.nrrd", [LIVER])
     scene = slicer.vtkMRMLScene()
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
@@ -115,7 +115,7 @@ def test_dicom_seg_output_references_the_series_and_holds_the_mask(tmp_path):
     out = tmp_path / "out"
     assert main(["segment", str(tmp_path / "ct"), "-o", str(out), "--format", "seg.nrrd,dicom-seg", "-q"]) == 0
     source = read_volume(tmp_path / "ct")
-    mask, _ = read_seg_nrrd(out / "ct.seg.nrrd")
+    (mask,), _ = read_seg_nrrd(out / "ct.seg.nrrd")
     seg = hd.seg.segread(str(out / "ct.seg.dcm"))
     segment = seg.SegmentSequence[0]
     assert segment.SegmentLabel == "Liver"

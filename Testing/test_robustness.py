@@ -97,8 +97,8 @@ def test_training_samples_blend_the_unenhanced_slices_and_average_slabs(patient)
     from training import train
 
     plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
-    slices = train.PatientSlices(patient("3Dircadb1.7"), "liver", plan, unenhanced=True)
-    k = int(np.argmax(slices.labels.float().sum(dim=(1, 2))))  # the slice with the most liver
+    slices = train.PatientSlices(patient("3Dircadb1.7"), ["liver"], plan, unenhanced=True)
+    k = int(np.argmax(slices.labels[:, 0].float().sum(dim=(1, 2))))  # the slice with the most liver
     native, plain = slices.sample(k, 1), slices.sample(k, 1, unenhanced=1.0)
     half = slices.sample(k, 1, unenhanced=0.5)
     liver = native[-1] > 0.5

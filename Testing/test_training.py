@@ -16,6 +16,7 @@ import torch
 from LiverSegUNetLib.inference import segment
 from LiverSegUNetLib.preprocess import Plan
 from LiverSegUNetLib.runtime import autocast_for
+from LiverSegUNetLib.terminology import CATALOGUE
 from LiverSegUNetLib.volume import Volume
 from LiverSegUNetLib.weights import load_model, save_model
 
@@ -112,6 +113,8 @@ class _Fake:
 
     def __init__(self, n, tag):
         self.images = torch.full((n, 8, 8), float(tag))
+        self.labels = torch.zeros((n, 1, 8, 8))
+        self.available = torch.ones(1, dtype=torch.bool)
         self.unenhanced = None
 
 
@@ -124,10 +127,8 @@ def test_subset_is_reproducible_and_from_training_patients_only():
     assert all(p in (0, 1) and k < train_set[p].images.shape[0] for p, k in a)
     # every slice a batch is built from comes from the training list it is given
     plan = Plan(multiple=4)
-    for ps in train_set:
-        ps.labels = torch.zeros_like(ps.images)
     aug = {"unenhanced_p": 0.0, "thick_p": 0.5, "thick_slices": [2, 3]}
-    x, _ = train.make_batch(train_set, a[:6], plan, 8, np.random.default_rng(0), aug)
+    x, _, _ = train.make_batch(train_set, a[:6], plan, 8, np.random.default_rng(0), aug)
     assert set(torch.unique(x).tolist()) <= {1.0, 2.0}
 
 
@@ -138,7 +139,9 @@ def source_card(tmp_path) -> Path:
     for m in net.modules():  # give batch-norm non-trivial statistics
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
-    return save_model(net, Plan(multiple=4), tmp_path / "bone", model_id="bone-test", label="bone", dtype="float32")
+    return save_model(
+        net, Plan(multiple=4), tmp_path / "bone", model_id="bone-test", structures=[CATALOGUE["bone"]], dtype="float32"
+    )
 
 
 def _cfg(**over):
@@ -166,7 +169,7 @@ def test_frozen_encoder_does_not_move_and_decoder_does(source_card, frozen):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     train.set_train_mode(net, cfg)
     x, y = torch.rand(4, 3, 32, 32), (torch.rand(4, 1, 32, 32) > 0.5).float()
-    train.train_step(net, opt, sched, x, y, autocast_for("cpu")[0], "cpu")
+    train.train_step(net, opt, sched, (x, y, torch.ones(4, 1, dtype=torch.bool)), autocast_for("cpu")[0], "cpu")
     after = net.state_dict()
     enc_same = all(torch.equal(after[k], v) for k, v in before_enc.items())
     assert enc_same == frozen

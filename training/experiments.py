@@ -34,6 +34,7 @@ EXPERIMENTS = [
     "liver_scratch_hu255",
     "liver_scratch_msd",
     "liver_robust",
+    "liver_multi",
 ]
 TRANSFER = {"liver_transfer_25", "liver_transfer_25_frozen"}
 LIVER = [e for e in EXPERIMENTS if e.startswith("liver")]

@@ -38,10 +38,11 @@ from LiverSegUNetLib.model import UNet2D
 from LiverSegUNetLib.preprocess import Plan, Reorientation, SliceGrid, to_model_grid, with_context
 from LiverSegUNetLib.runtime import autocast_for, resolve_device
 from LiverSegUNetLib.system import machine
+from LiverSegUNetLib.terminology import CATALOGUE
 from LiverSegUNetLib.weights import LoadedModel, build_network, load_model, save_model
 from tqdm import tqdm
 
-from training import appearance
+from training import appearance, labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,27 +109,39 @@ def plan_of(cfg: dict) -> Plan:
     return Plan(multiple=2 ** cfg["depth"], **cfg["plan"])
 
 
+def structure_keys(cfg: dict) -> list[str]:
+    """The structures a run trains, one output channel each: ``organ`` first, then ``extra_structures``."""
+    keys = [cfg["organ"], *cfg["extra_structures"]]
+    labels.check_keys(keys)
+    return keys
+
+
 # -- data ------------------------------------------------------------------------------------
 
 
 class PatientSlices:
-    """One patient's slices and labels on the model grid, held in memory as float16.
+    """One patient's slices and per-structure labels ``(slices, structures, H, W)`` on the model grid, held
+    in memory as float16, and which structures have a target (``available``; a missing one is all zeros).
 
     With ``unenhanced``, also the same slices without contrast enhancement (``appearance.unenhanced_hu``
     with the patient's organ masks), which training blends in with a random weight.
     """
 
-    def __init__(self, patient: IrcadbPatient, organ: str, plan: Plan, unenhanced: bool = False):
+    def __init__(self, patient: IrcadbPatient, keys: list[str], plan: Plan, unenhanced: bool = False):
         ct = patient.ct
         masks = appearance.masks_of(patient) if unenhanced else {}
-        mask = masks[organ] if organ in masks else patient.mask(organ).array
         reorient = Reorientation(ct)
         grid = SliceGrid.for_slices(ct.shape[1:], reorient.spacing(ct)[:2], plan)
         hu = torch.from_numpy(np.ascontiguousarray(reorient.forward(ct.array)))
-        lab = torch.from_numpy(np.ascontiguousarray(reorient.forward(mask)))
         self.name = patient.name
         self.images = prepare_slices(hu, grid, plan).half()
-        self.labels = to_model_grid(lab.float(), grid).half()
+        found = labels.targets(patient, keys)
+        self.available = torch.tensor([t is not None for t in found])
+        self.labels = torch.zeros((self.images.shape[0], len(keys), *self.images.shape[1:]), dtype=torch.half)
+        for index, target in enumerate(found):
+            if target is not None:
+                lab = torch.from_numpy(np.ascontiguousarray(reorient.forward(target)))
+                self.labels[:, index] = to_model_grid(lab.float(), grid).half()
         self.unenhanced = None
         if unenhanced:
             rng = np.random.default_rng(sum(map(ord, patient.name)))
@@ -137,7 +150,7 @@ class PatientSlices:
             self.unenhanced = prepare_slices(plain, grid, plan).half()
 
     def sample(self, k: int, context: int, unenhanced: float = 0.0, slab: int = 1) -> torch.Tensor:
-        """``(2 * context + 2, H, W)``: slice ``k`` with its neighbours as channels, then its label.
+        """``(2 * context + 1 + structures, H, W)``: slice ``k`` with its neighbours as channels, then its labels.
 
         ``unenhanced`` (0..1) blends in the contrast-free slices; ``slab`` > 1 averages ``slab``
         contiguous slices per channel, neighbours one slab apart, as a CT with thick slices shows them.
@@ -147,7 +160,7 @@ class PatientSlices:
         x = self.images[index].float().mean(1)
         if unenhanced > 0 and self.unenhanced is not None:
             x = (1 - unenhanced) * x + unenhanced * self.unenhanced[index].float().mean(1)
-        y = self.labels[index[context]].float().mean(0, keepdim=True)
+        y = self.labels[index[context]].float().mean(0)
         return torch.cat([x, y])
 
 
@@ -171,7 +184,7 @@ class ExtraSlices:
     1.5 mm). Each slice has no neighbours, so its context channels repeat it.
     """
 
-    def __init__(self, folder: Path, plan: Plan, pixel_mm: float):
+    def __init__(self, folder: Path, plan: Plan, pixel_mm: float, structures: int = 1):
         import SimpleITK as sitk
 
         files = sorted((folder / "images").glob("*.jpg"))
@@ -189,18 +202,20 @@ class ExtraSlices:
         self.name = folder.name
         self.cases = sorted({f.name.split("_")[1] for f in files})
         self.images = prepare_slices(torch.from_numpy(hu), grid, plan).half()
-        self.labels = to_model_grid(torch.from_numpy(liver).float(), grid).half()
+        self.labels = torch.zeros((hu.shape[0], structures, *self.images.shape[1:]), dtype=torch.half)
+        self.labels[:, 0] = to_model_grid(torch.from_numpy(liver).float(), grid).half()
+        self.available = torch.arange(structures) == 0  # the liver only
         # Contrast removed with the liver mask only; the 8-bit storage clips at 255 HU, so that is bone.
         plain = appearance.unenhanced_hu(hu, liver.astype(np.uint8), ["liver"], hu >= 250, np.random.default_rng(0))
         self.unenhanced = prepare_slices(torch.from_numpy(plain), grid, plan).half()
 
     def sample(self, k: int, context: int, unenhanced: float = 0.0, slab: int = 1) -> torch.Tensor:
-        """``(2 * context + 2, H, W)``: slice ``k`` repeated as its own neighbours, then its label
+        """``(2 * context + 1 + structures, H, W)``: slice ``k`` repeated as its own neighbours, then its labels
         (``unenhanced`` blends in the contrast-free slice; a single slice has no slab to average)."""
         x = self.images[k : k + 1].float()
         if unenhanced > 0:
             x = (1 - unenhanced) * x + unenhanced * self.unenhanced[k : k + 1].float()
-        return torch.cat([x.expand(2 * context + 1, -1, -1), self.labels[k : k + 1].float()])
+        return torch.cat([x.expand(2 * context + 1, -1, -1), self.labels[k].float()])
 
 
 def training_samples(train: list[PatientSlices], fraction: float, subset_seed: int) -> list[tuple[int, int]]:
@@ -224,22 +239,25 @@ def crop_or_pad(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.T
     return x[..., top : top + size, left : left + size]
 
 
-def make_batch(train, batch, plan: Plan, crop: int, rng, aug: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(B, C, crop, crop)`` with neighbouring-slice channels, and labels ``(B, 1, crop, crop)``.
+def make_batch(train, batch, plan: Plan, crop: int, rng, aug: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images ``(B, C, crop, crop)`` with neighbouring-slice channels, labels ``(B, S, crop, crop)`` and which
+    labels exist ``(B, S)`` (a structure without an expert mask in that sample's patient is not a target).
 
     Per sample, with probability ``aug["unenhanced_p"]`` the contrast is removed by a random share
     (uniform 0..1), and with probability ``aug["thick_p"]`` the slices are averaged into slabs of
     one of ``aug["thick_slices"]`` slices.
     """
-    xs, ys = [], []
+    xs, ys, available = [], [], []
+    channels = 2 * plan.context + 1
     for p, k in batch:
         # drawn only when enabled, so a config without these augmentations sees the same random stream as before
         unenhanced = float(rng.uniform()) if aug["unenhanced_p"] > 0 and rng.uniform() < aug["unenhanced_p"] else 0.0
         slab = int(rng.choice(aug["thick_slices"])) if aug["thick_p"] > 0 and rng.uniform() < aug["thick_p"] else 1
         both = crop_or_pad(train[p].sample(k, plan.context, unenhanced, slab), crop, rng)
-        xs.append(both[:-1])
-        ys.append(both[-1:])
-    return torch.stack(xs).float(), torch.stack(ys).float()
+        xs.append(both[:channels])
+        ys.append(both[channels:])
+        available.append(train[p].available)
+    return torch.stack(xs).float(), torch.stack(ys).float(), torch.stack(available)
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +289,7 @@ def augment(x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator) -
 
 def initial_network(cfg: dict, plan: Plan) -> UNet2D:
     """The network a run starts from: fresh, or initialised from ``init_from``; the encoder frozen if asked."""
-    architecture = {"name": "UNet2D", "in_channels": plan.in_channels, "out_channels": 1}
+    architecture = {"name": "UNet2D", "in_channels": plan.in_channels, "out_channels": len(structure_keys(cfg))}
     net = build_network({**architecture, "base": cfg["base"], "depth": cfg["depth"]})
     if cfg["init_from"]:
         source = load_model(ROOT / cfg["init_from"] if not Path(cfg["init_from"]).is_absolute() else cfg["init_from"])
@@ -290,12 +308,12 @@ def set_train_mode(net: UNet2D, cfg: dict) -> None:
         net.bottleneck.eval()
 
 
-def train_step(net, opt, sched, x: torch.Tensor, y: torch.Tensor, autocast, device: str) -> float:
-    """One optimizer step on a batch; returns the loss."""
-    x, y = x.to(device), y.to(device)
+def train_step(net, opt, sched, batch, autocast, device: str, extra_weight: float = 1.0) -> float:
+    """One optimizer step on a batch ``(images, labels, available)``; returns the loss."""
+    x, y, available = (t.to(device) for t in batch)
     with autocast:
         logits = net(x.contiguous(memory_format=torch.channels_last) if device == "cpu" else x)
-    loss = dice_bce_loss(logits.float(), y)
+    loss = dice_bce_loss(logits.float(), y, available, extra_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -303,12 +321,28 @@ def train_step(net, opt, sched, x: torch.Tensor, y: torch.Tensor, autocast, devi
     return loss.item()
 
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy plus soft Dice over the batch."""
-    prob = torch.sigmoid(logits)
-    inter = (prob * target).sum()
-    soft_dice = (2 * inter + 1) / (prob.sum() + target.sum() + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + (1 - soft_dice)
+def dice_bce_loss(
+    logits: torch.Tensor, target: torch.Tensor, available: torch.Tensor | None = None, extra_weight: float = 1.0
+) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice over the batch, for ``(B, S, H, W)`` logits.
+
+    Only labels that exist count (``available``, ``(B, S)``; all by default): a sample whose patient has no
+    mask for a structure adds nothing to that structure's loss, neither cross-entropy nor Dice. The
+    loss is the cross-entropy over every counted pixel, plus 1 - Dice of the first structure, plus
+    ``extra_weight`` times the mean 1 - Dice of the other structures present in the batch.
+    """
+    if available is None:
+        available = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+    weight = available[:, :, None, None].to(logits.dtype).expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / weight.sum().clamp(min=1)
+    prob = torch.sigmoid(logits) * weight
+    inter = (prob * target).sum((0, 2, 3))
+    soft_dice = (2 * inter + 1) / (prob.sum((0, 2, 3)) + (target * weight).sum((0, 2, 3)) + 1)
+    present = available.any(0)
+    loss = bce + (1 - soft_dice[0]) * present[0]
+    if logits.shape[1] > 1 and present[1:].any():
+        loss = loss + extra_weight * (1 - soft_dice[1:][present[1:]]).mean()
+    return loss
 
 
 @torch.inference_mode()
@@ -323,10 +357,10 @@ def validate(net, patients: list[PatientSlices], plan: Plan, device: str, batch:
         for start in range(0, n, batch):
             idx = torch.arange(start, min(n, start + batch))
             x = with_context(ps.images, idx, plan.context).float().to(device)
-            y = ps.labels[idx][:, None].float().to(device)
+            y = ps.labels[idx][:, :1].float().to(device)  # the first structure (the liver)
             with autocast:
                 logits = net(x)
-            logits = logits.float()
+            logits = logits.float()[:, :1]
             losses.append(float(dice_bce_loss(logits, y)) * len(idx))
             pred, ref = logits > 0, y >= 0.5
             inter += float((pred & ref).sum())
@@ -338,14 +372,23 @@ def validate(net, patients: list[PatientSlices], plan: Plan, device: str, batch:
     return {"loss": sum(losses) / count, "dice": 2 * inter / max(1.0, pred_sum + ref_sum), "accuracy": correct / total}
 
 
-def evaluate(model: LoadedModel, patients: list[IrcadbPatient], organ: str, device: str) -> dict[str, dict]:
-    """3D metrics per test patient on the original grid, after the product's postprocessing."""
+def evaluate(model: LoadedModel, patients: list[IrcadbPatient], keys: list[str], device: str) -> dict[str, dict]:
+    """3D metrics per test patient on the original grid, after the product's postprocessing: the first
+    structure's at the top level; with more structures, ``structures`` holds each one the patient has a
+    mask for (Dice, volumes; lesion detection for lesion structures)."""
     out = {}
     for patient in patients:
-        ref = patient.mask(organ)
-        seg = segment(patient.ct, model, device=device, postprocess=organ == "liver")
-        m = metrics.all_metrics(seg.mask.array, ref.array, ref.spacing_mm)
-        m["accuracy"] = float(np.mean(seg.mask.array == ref.array))
+        seg = segment(patient.ct, model, device=device)
+        refs = labels.targets(patient, keys)
+        ct = patient.ct
+        m = metrics.all_metrics(seg.mask.array, refs[0], ct.spacing_mm)
+        m["accuracy"] = float(np.mean(seg.mask.array == refs[0]))
+        if len(keys) > 1:
+            m["structures"] = {
+                key: metrics.structure_metrics(pred.array, ref, ct.voxel_volume_ml, CATALOGUE[key].lesions)
+                for key, pred, ref in zip(keys, seg.masks, refs)
+                if ref is not None
+            }
         out[patient.name] = m
     return out
 
@@ -456,17 +499,22 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     unenhanced = cfg["augment"]["unenhanced_p"] > 0
-    train = [PatientSlices(IrcadbPatient(data_root / n), cfg["organ"], plan, unenhanced) for n in cfg["train_patients"]]
+    keys = structure_keys(cfg)
+    train = [PatientSlices(IrcadbPatient(data_root / n), keys, plan, unenhanced) for n in cfg["train_patients"]]
     test = [IrcadbPatient(data_root / n) for n in cfg["test_patients"]]
     leaked = set(cfg["train_patients"]) & set(cfg["test_patients"])
     if leaked:
         raise SystemExit(f"patients {sorted(leaked)} are both in training and test; refusing to run")
-    test_slices = [PatientSlices(p, cfg["organ"], plan) for p in test] if cfg["validate"] and rank == 0 else []
+    test_slices = [PatientSlices(p, keys[:1], plan) for p in test] if cfg["validate"] and rank == 0 else []
     samples = training_samples(train, cfg["samples_fraction"], cfg["subset_seed"])
     extra = None
     per_batch = cfg["batch_size"]  # CT slices per batch; the rest of the batch comes from the extra slices
     if cfg["extra_2d"]:
-        extra = ExtraSlices((args.data or default_data_root()) / cfg["extra_2d"], plan, cfg["extra_2d_pixel_mm"])
+        if keys[0] != "liver":
+            raise SystemExit(f"extra_2d holds liver slices; the first structure is {keys[0]!r}")
+        extra = ExtraSlices(
+            (args.data or default_data_root()) / cfg["extra_2d"], plan, cfg["extra_2d_pixel_mm"], len(keys)
+        )
         per_batch = max(1, cfg["batch_size"] - round(cfg["batch_size"] * cfg["extra_2d_share"]))
         train.append(extra)
         log.info(
@@ -481,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         "%s: %d training slices of %s from %s, test %s, %d process(es) on %s (data %.1f s)",
         cfg["name"],
         len(samples),
-        cfg["organ"],
+        ", ".join(keys),
         cfg["train_patients"],
         cfg["test_patients"],
         world,
@@ -519,8 +567,9 @@ def main(argv: list[str] | None = None) -> int:
             if extra is not None:  # drawn for every rank from the shared generator, each rank takes its row
                 picks = rng.integers(0, extra.images.shape[0], (world, cfg["batch_size"] - per_batch))[rank]
                 batch += [(len(train) - 1, int(k)) for k in picks]
-            x, y = augment(*make_batch(train, batch, plan, cfg["crop"], rng, cfg["augment"]), cfg["augment"], gen)
-            losses.append(train_step(ddp, opt, sched, x, y, autocast, device))
+            x, y, available = make_batch(train, batch, plan, cfg["crop"], rng, cfg["augment"])
+            x, y = augment(x, y, cfg["augment"], gen)
+            losses.append(train_step(ddp, opt, sched, (x, y, available), autocast, device, cfg["extra_weight"]))
         if world > 1:  # batch-norm statistics are per process; keep rank 0's everywhere, as it is saved
             for buffer in net.buffers():
                 dist.broadcast(buffer, 0)
@@ -550,14 +599,20 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
     if rank == 0:
         net.eval()
-        model = LoadedModel(net, plan, {"model_id": cfg["name"]}, out)
-        final = evaluate(model, test, cfg["organ"], device) if test else {}
+        structures = [CATALOGUE[k] for k in keys]
+        card = {
+            "model_id": cfg["name"],
+            "architecture": {"out_channels": len(keys)},
+            "structures": [s.to_card() for s in structures],
+        }
+        final = evaluate(LoadedModel(net, plan, card, out), test, keys, device) if test else {}
         for name, m in final.items():
-            log.info("%s 3D: %s", name, {k: round(v, 4) for k, v in m.items()})
+            log.info("%s 3D: %s", name, json.dumps(m))
         provenance = {
             "data": "3D-IRCADb-01, IRCAD France"
             + ("; Medical Segmentation Decathlon Task03 Liver (LiTS), CC BY-SA 4.0" if extra is not None else ""),
             "organ": cfg["organ"],
+            "structures": keys,
             "train_patients": cfg["train_patients"],
             "test_patients": cfg["test_patients"],
             "training_slices": len(samples),
@@ -579,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             plan,
             out / "model",
             model_id=f"{cfg['organ']}-unet2d-{cfg['name']}",
-            label=cfg["organ"],
+            structures=structures,
             provenance=provenance,
         )
         log.info("saved %s", card)

@@ -47,6 +47,7 @@ BAR_FORMAT = "{desc:<12} {bar:30} {percentage:3.0f}% {elapsed}"
 
 
 def _segment(args: argparse.Namespace) -> int:
+    from .measure import describe
     from .pipeline import segment_batch
     from .runtime import resolve_device
     from .weights import load_model
@@ -103,6 +104,8 @@ def _segment(args: argparse.Namespace) -> int:
             f"post {s.get('postprocess', 0):.1f}, write {s['write']:.1f}; model load {load_s:.2f}) "
             f"on {summary['device']} {summary['precision']}"
         )
+        if len(summary["structures"]) > 1:
+            print(f"  {describe(summary['structures'])}")
         for kind, name in summary["outputs"].items():
             print(f"  {kind:<9} {Path(args.output) / name}")
     elif not single:

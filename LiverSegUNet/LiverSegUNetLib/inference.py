@@ -1,10 +1,12 @@
-"""Volume in, liver mask out on exactly the input grid: the one pipeline the CLI, Slicer and training share.
+"""Volume in, one mask per structure out on exactly the input grid: the one pipeline the CLI, Slicer and
+training share.
 
 The steps, each a function below: the CT is checked (:func:`check_ct`) and turned to the canonical
 axis order; the rectangle around the body is cut out (:mod:`.slicing`); the network runs slice by
 slice on the model grid, first every ``PROBE_MM`` to find the liver's extent and then on the
-slices that can hold it (:class:`ModelGridPrediction`); the liver is cleaned on the model grid
-(:func:`clean_on_model_grid`) and only then resampled to the input grid (:func:`to_input_grid`).
+slices that can hold it (:class:`ModelGridPrediction`); each structure is cleaned on the model grid
+by its model card rule (:func:`clean_structures`) and only then resampled to the input grid
+(:func:`to_input_grid`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from . import slicing
 from .errors import Cancelled, InputError
 from .preprocess import Reorientation, SliceGrid, from_model_grid, normalize, to_model_grid
 from .runtime import NetworkRuntime, Runtime
+from .terminology import Structure
 from .volume import Volume, bounding_box
 
 log = logging.getLogger(__name__)
@@ -29,18 +32,33 @@ Progress = Callable[[str, float], None]
 
 @dataclass
 class Segmentation:
-    """A predicted mask (uint8 0/1 on the input grid) and what it took to make it."""
+    """One uint8 0/1 mask per output structure on the input grid, and what it took to make them."""
 
-    mask: Volume
+    masks: list[Volume]
+    structures: list[Structure]
     model_id: str
     device: str
     precision: str
     seconds: dict = field(default_factory=dict)
 
     @property
+    def mask(self) -> Volume:
+        """The first structure's mask (the liver, for the liver models)."""
+        return self.masks[0]
+
+    @property
     def volume_ml(self) -> float:
-        """Segmented volume in millilitres."""
-        return float(np.count_nonzero(self.mask.array)) * self.mask.voxel_volume_ml
+        """The first structure's volume in millilitres."""
+        return volume_ml(self.mask)
+
+    def volumes_ml(self) -> dict[str, float]:
+        """Every structure's volume in millilitres, by name."""
+        return {s.name: volume_ml(m) for s, m in zip(self.structures, self.masks)}
+
+
+def volume_ml(mask: Volume) -> float:
+    """The volume of a 0/1 mask in millilitres."""
+    return float(np.count_nonzero(mask.array)) * mask.voxel_volume_ml
 
 
 #: A CT in Hounsfield units has air (about -1000 HU) around or inside the body; this much is enough.
@@ -80,14 +98,17 @@ def prepare_slices(hu, grid: SliceGrid, plan):
 
 
 class ModelGridPrediction:
-    """Liver probabilities (x 255, uint8) of every slice of a body crop, on the model grid, filled batch by batch."""
+    """Per-structure probabilities (x 255, uint8) of every slice of a body crop on the model grid,
+    ``(structures, slices, rows, columns)``, filled batch by batch."""
 
-    def __init__(self, hu_crop: np.ndarray, grid: SliceGrid, plan, network: NetworkRuntime, device: str, **run):
+    def __init__(
+        self, hu_crop: np.ndarray, grid: SliceGrid, plan, network: NetworkRuntime, device: str, structures: int, **run
+    ):
         self.hu, self.grid, self.plan, self.network, self.device = hu_crop, grid, plan, network, device
         self.batch_size, self.progress, self.cancel = run["batch_size"], run["progress"], run["cancel"]
         n = hu_crop.shape[0]
         height, width = grid.size
-        self.probability = np.zeros((n, height, width), dtype=np.uint8)
+        self.probability = np.zeros((structures, n, height, width), dtype=np.uint8)
         self.handled = np.zeros(n, dtype=bool)  # slices predicted, or known to hold no liver
         self.level = int(round(plan.threshold * 255))  # the threshold on the uint8 scale
 
@@ -100,7 +121,7 @@ class ModelGridPrediction:
         """The network on ``slices`` (indices into the crop), each with its neighbours as channels."""
         import torch
 
-        n, height, width = self.probability.shape
+        _, n, height, width = self.probability.shape
         offsets = np.arange(-self.plan.context, self.plan.context + 1)
         memory_format = torch.channels_last if self.device == "cpu" else torch.contiguous_format
         for start in range(0, len(slices), self.batch_size):
@@ -113,32 +134,52 @@ class ModelGridPrediction:
             with self.network.autocast:
                 logits = self.network.run(x.to(self.device, dtype=self.network.dtype, memory_format=memory_format))
             # the model grid is padded to a multiple of the network's stride: keep the grid's own size
-            probability = torch.sigmoid(logits.float()[:, 0, :height, :width]).cpu()
-            self.probability[batch] = (probability * 255).round().to(torch.uint8).numpy()
+            probability = torch.sigmoid(logits.float()[:, :, :height, :width]).cpu()
+            self.probability[:, batch] = (probability * 255).round().to(torch.uint8).numpy().transpose(1, 0, 2, 3)
             self.handled[batch] = True
             if self.progress is not None:
                 self.progress("inference", float(self.handled.mean()))
 
     def run_where_the_liver_can_be(self, spacing_k_mm: float) -> int:
-        """Probe every ``PROBE_MM``, then run only the slices that can hold the liver's component; slices run."""
-        n = self.probability.shape[0]
+        """Probe every ``PROBE_MM``, then run only the slices that can hold the first structure's largest
+        component (the liver); returns how many slices ran. Only for models whose other structures all
+        lie inside the first (:func:`probe_applies`)."""
+        n = self.probability.shape[1]
         stride = max(1, int(round(slicing.PROBE_MM / spacing_k_mm)))
         if stride == 1:
             self.run(np.arange(n))
             return n
         probes = slicing.probe_slices(n, stride)
         self.run(probes)
-        positives = (self.probability[probes] >= self.level).reshape(len(probes), -1).sum(axis=1)
+        positives = (self.probability[0, probes] >= self.level).reshape(len(probes), -1).sum(axis=1)
         span = slicing.liver_range(positives, probes, stride, n)
         todo = np.arange(n)
         if span is not None:  # else nothing found: run every slice, as without the probe
             first, last = span
             todo = np.arange(first, last + 1)
-            self.probability[:first], self.probability[last + 1 :] = 0, 0  # probes outside the span
+            self.probability[:, :first], self.probability[:, last + 1 :] = 0, 0  # probes outside the span
             self.handled[:first], self.handled[last + 1 :] = True, True
         todo = np.setdiff1d(todo, probes)
         self.run(todo)
         return len(probes) + len(todo)
+
+
+def probe_applies(structures: list[Structure]) -> bool:
+    """True when the first structure is cleaned to its largest component and every other lies inside it:
+    then slices beyond the first structure's extent cannot hold anything and the probe pass may skip them."""
+    first = structures[0]
+    return first.postprocess == "largest" and all(s.inside == first.name for s in structures[1:])
+
+
+def clean_structures(probability: np.ndarray, structures: list[Structure], level: int) -> None:
+    """Each structure's card rule applied to its thresholded probabilities ``probability[s]``, in place,
+    in card order (an ``inside:`` structure after the one it lies in)."""
+    names = [s.name for s in structures]
+    for index, structure in enumerate(structures):
+        if structure.postprocess == "largest":
+            clean_on_model_grid(probability[index], level)
+        elif structure.inside is not None:
+            probability[index][probability[names.index(structure.inside)] < level] = 0
 
 
 def clean_on_model_grid(probability: np.ndarray, level: int) -> None:
@@ -167,25 +208,30 @@ def clean_on_model_grid(probability: np.ndarray, level: int) -> None:
 
 def to_input_grid(
     prediction: ModelGridPrediction, crop: tuple[slice, slice], full_shape: tuple[int, int, int]
-) -> np.ndarray:
-    """The uint8 0/1 mask on the (canonical) input grid, resampled from the model grid batch by batch."""
+) -> list[np.ndarray]:
+    """One uint8 0/1 mask per structure on the (canonical) input grid, resampled from the model grid
+    batch by batch."""
     import torch
 
     rows, cols = crop
     n = full_shape[0]
-    out = np.zeros(full_shape, dtype=np.uint8)
+    count = prediction.probability.shape[0]
+    masks = []
     # Bilinear resampling of values k/255 can land a hair below level/255 where every neighbour is
     # exactly at the level; the tolerance keeps those voxels, as the model grid itself does (>= level).
     threshold = prediction.level / 255 - 1e-6
     with torch.inference_mode():
-        for start in range(0, n, prediction.batch_size):
-            prediction.check_cancel()
-            stop = min(n, start + prediction.batch_size)
-            maps = torch.from_numpy(prediction.probability[start:stop]).float() / 255
-            out[start:stop, rows, cols] = (from_model_grid(maps, prediction.grid) >= threshold).numpy()
-            if prediction.progress is not None:
-                prediction.progress("resample", stop / n)
-    return out
+        for index, probability in enumerate(prediction.probability):
+            out = np.zeros(full_shape, dtype=np.uint8)
+            for start in range(0, n, prediction.batch_size):
+                prediction.check_cancel()
+                stop = min(n, start + prediction.batch_size)
+                maps = torch.from_numpy(probability[start:stop]).float() / 255
+                out[start:stop, rows, cols] = (from_model_grid(maps, prediction.grid) >= threshold).numpy()
+                if prediction.progress is not None:
+                    prediction.progress("resample", (index * n + stop) / (count * n))
+            masks.append(out)
+    return masks
 
 
 def predict_canonical(
@@ -199,12 +245,14 @@ def predict_canonical(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     seconds: dict | None = None,
-) -> np.ndarray:
-    """uint8 mask for a canonical ``[k, j, i]`` HU array with ``(i, j, k)`` spacing in mm.
+) -> list[np.ndarray]:
+    """uint8 masks, one per structure of ``model``, for a canonical ``[k, j, i]`` HU array with ``(i, j, k)``
+    spacing in mm.
 
-    Only the rectangle around the body is resampled to the model grid. With postprocessing on, a
-    first pass every ``PROBE_MM`` finds the liver's extent along k and only slices that can hold its
-    component run (:func:`slicing.liver_range`: the result is the same as running every slice). The
+    Only the rectangle around the body is resampled to the model grid. With postprocessing on (and a
+    model whose structures all lie inside the liver, :func:`probe_applies`), a first pass every
+    ``PROBE_MM`` finds the liver's extent along k and only slices that can hold its component run
+    (:func:`slicing.liver_range`: the result is the same as running every slice). The
     probabilities stay on the (smaller) model grid as uint8; postprocessing runs there too, and the
     full-resolution mask is built batch by batch, so memory beyond the input and output arrays stays
     small.
@@ -216,11 +264,12 @@ def predict_canonical(
     crop = slicing.body_box(hu, spacing_mm[:2])
     hu_crop = hu[:, crop[0], crop[1]]
     grid = SliceGrid.for_slices(hu_crop.shape[1:], spacing_mm[:2], model.plan)
+    structures = model.structures
     prediction = ModelGridPrediction(
-        hu_crop, grid, model.plan, network, device, batch_size=batch_size, progress=progress, cancel=cancel
+        hu_crop, grid, model.plan, network, device, len(structures), batch_size=batch_size, progress=progress, cancel=cancel
     )
     with torch.inference_mode():
-        if postprocess:
+        if postprocess and probe_applies(structures):
             ran = prediction.run_where_the_liver_can_be(spacing_mm[2])
         else:
             prediction.run(np.arange(hu.shape[0]))
@@ -238,14 +287,14 @@ def predict_canonical(
         if progress is not None:
             progress("postprocess", 0.0)
         t = time.perf_counter()
-        clean_on_model_grid(prediction.probability, prediction.level)
+        clean_structures(prediction.probability, structures, prediction.level)
         seconds["postprocess"] = time.perf_counter() - t
         if progress is not None:
             progress("postprocess", 1.0)
     t = time.perf_counter()
-    out = to_input_grid(prediction, crop, hu.shape)
+    masks = to_input_grid(prediction, crop, hu.shape)
     seconds["resample"] = time.perf_counter() - t
-    return out
+    return masks
 
 
 def segment(
@@ -259,7 +308,8 @@ def segment(
     cancel: Callable[[], bool] | None = None,
     runtime: Runtime | None = None,
 ) -> Segmentation:
-    """Segment the liver of a CT volume; the mask lies on exactly the input's grid.
+    """Segment every structure of the model (the liver, for the bundled one) in a CT volume; the masks lie
+    on exactly the input's grid.
 
     ``runtime(network, device) -> (callable, input dtype, autocast context)`` replaces the default
     torch runtime (:func:`runtime_network`), e.g. to compare another inference engine.
@@ -280,8 +330,8 @@ def segment(
     canonical = reorient.forward(volume.array)
     spacing = reorient.spacing(volume)
     network = (runtime or runtime_network)(model.network, device)
-    mask = predict_canonical(
+    masks = predict_canonical(
         canonical, spacing, model, device, network, batch_size, postprocess, progress, cancel, seconds
     )
-    result = np.ascontiguousarray(reorient.backward(mask))
-    return Segmentation(volume.with_array(result), model.model_id, device, network.precision, seconds)
+    masks = [volume.with_array(np.ascontiguousarray(reorient.backward(m))) for m in masks]
+    return Segmentation(masks, model.structures, model.model_id, device, network.precision, seconds)

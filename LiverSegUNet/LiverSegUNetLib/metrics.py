@@ -100,3 +100,45 @@ def all_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm) -> dict[str, floa
         "assd_mm": math.nan if empty else float((a.mean() + b.mean()) / 2),
         "hd95_mm": math.nan if empty else float(max(np.percentile(a, 95), np.percentile(b, 95))),
     }
+
+
+def lesion_detection(pred: np.ndarray, ref: np.ndarray) -> dict[str, int]:
+    """Per-lesion detection between two 0/1 masks, lesions being 26-connected components.
+
+    A reference lesion is *found* when any predicted lesion touches it (overlap of one voxel or more),
+    else *missed*; a predicted lesion touching no reference lesion is *false*. A reference lesion
+    touched by several predicted ones counts once as found and once as *split*; a predicted lesion
+    touching several reference ones makes each found and counts once as *merged*.
+    """
+    from .measure import components
+
+    ref_labels, n_ref = components(ref > 0)
+    pred_labels, n_pred = components(pred > 0)
+    both = (ref_labels > 0) & (pred_labels > 0)
+    pairs = np.unique(np.stack([ref_labels[both], pred_labels[both]]), axis=1) if both.any() else np.zeros((2, 0), int)
+    per_ref = np.bincount(pairs[0], minlength=n_ref + 1)[1:]
+    per_pred = np.bincount(pairs[1], minlength=n_pred + 1)[1:]
+    return {
+        "reference": n_ref,
+        "predicted": n_pred,
+        "found": int(np.count_nonzero(per_ref)),
+        "missed": int(np.count_nonzero(per_ref == 0)),
+        "false": int(np.count_nonzero(per_pred == 0)),
+        "split": int(np.count_nonzero(per_ref > 1)),
+        "merged": int(np.count_nonzero(per_pred > 1)),
+    }
+
+
+def structure_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, lesions: bool = False) -> dict:
+    """Dice, predicted and reference volume (ml) and relative volume error of one structure; for lesion
+    structures also :func:`lesion_detection`."""
+    pred_ml, ref_ml = float(np.count_nonzero(pred)) * voxel_ml, float(np.count_nonzero(ref)) * voxel_ml
+    out = {
+        "dice": dice(pred, ref),
+        "pred_ml": round(pred_ml, 2),
+        "ref_ml": round(ref_ml, 2),
+        "volume_error": (pred_ml - ref_ml) / ref_ml if ref_ml > 0 else math.nan,
+    }
+    if lesions:
+        out["lesions"] = lesion_detection(pred, ref)
+    return out

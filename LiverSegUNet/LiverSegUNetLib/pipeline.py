@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -16,45 +16,63 @@ from .inference import Progress, Segmentation, segment
 from .io import case_name, is_ircadb_patient, read_volume
 from .io.dicomseg import check_dicom_seg_source, write_dicom_seg
 from .io.images import is_image_file
-from .io.segnrrd import write_nifti, write_seg_nrrd
+from .io.segnrrd import legend_tsv, write_nifti, write_seg_nrrd
+from .measure import measurements
 from .outputs import atomic_write_bytes, write_all
 from .preview import preview_image, write_png
 from .system import machine
-from .terminology import LIVER
 from .volume import Volume
+
+Writer = Callable[[Path, Volume, Segmentation], None]
 
 
 @dataclass(frozen=True)
 class Format:
-    """An output format: its file suffix and how it is written from the CT and the segmentation."""
+    """An output format: its file suffix, how it is written from the CT and the segmentation, and any
+    companion files (kind -> (suffix, writer)) written with it."""
 
     suffix: str
-    write: Callable[[Path, Volume, Segmentation], None]
+    write: Writer
     check: Callable[[Volume, str], None] | None = None  # refuses an input the format cannot be made from
+    companions: dict[str, tuple[str, Writer]] = field(default_factory=dict)
 
 
 #: Output formats by the name ``--format`` takes.
 FORMATS = {
-    "seg.nrrd": Format(".seg.nrrd", lambda path, ct, result: write_seg_nrrd(result.mask, path, LIVER)),
-    "nifti": Format(".nii.gz", lambda path, ct, result: write_nifti(result.mask, path)),
+    "seg.nrrd": Format(".seg.nrrd", lambda path, ct, result: write_seg_nrrd(result.masks, path, result.structures)),
+    "nifti": Format(
+        ".nii.gz",
+        lambda path, ct, result: write_nifti(result.masks, path),
+        companions={
+            "nifti_legend": (".labels.tsv", lambda path, ct, result: path.write_text(legend_tsv(result.structures)))
+        },
+    ),
     "dicom-seg": Format(
         ".seg.dcm",
-        lambda path, ct, result: write_dicom_seg(result.mask, ct, path, LIVER, result.model_id),
+        lambda path, ct, result: write_dicom_seg(result.masks, ct, path, result.structures, result.model_id),
         check_dicom_seg_source,
     ),
 }
+
+NO_LIVER = "no liver found: is it an abdominal CT that covers the liver?"
+#: The structure whose volume the summary and batch table report as ``liver_volume_ml``.
+LIVER_NAME = "Liver"
 
 
 def output_paths(
     input_path: str | os.PathLike, out_dir: str | os.PathLike, formats: list[str], preview: bool = True
 ) -> dict[str, Path]:
-    """The files a run writes for one input, by kind (``seg.nrrd``, ``nifti``, ``summary``, ``preview``)."""
+    """The files a run writes for one input, by kind (``seg.nrrd``, ``nifti``, ``nifti_legend``, ``summary``,
+    ``preview``)."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise InputError(f"unknown output format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
     name = case_name(input_path)
     out_dir = Path(out_dir)
-    paths = {f: out_dir / f"{name}{FORMATS[f].suffix}" for f in formats}
+    paths = {}
+    for f in formats:
+        paths[f] = out_dir / f"{name}{FORMATS[f].suffix}"
+        paths.update({kind: out_dir / f"{name}{suffix}" for kind, (suffix, _) in FORMATS[f].companions.items()})
     paths["summary"] = out_dir / f"{name}.summary.json"
     if preview:
         paths["preview"] = out_dir / f"{name}.preview.png"
@@ -101,11 +119,14 @@ def segment_file(
         runtime=runtime,
     )
     seconds = {"read": t_read, **result.seconds}
+    structures = measurements(result.structures, result.masks)
+    liver = next((row for row in structures if row["name"] == LIVER_NAME), None)
     summary = {
         "case": case_name(input_path),
         "input": str(input_path),
-        "liver_volume_ml": round(result.volume_ml, 1),
-        "liver_found": result.volume_ml > 0,
+        "liver_volume_ml": liver["volume_ml"] if liver else None,
+        "liver_found": bool(liver and liver["found"]),
+        "structures": structures,
         "slices": ct.shape[0],
         "shape_kji": list(ct.shape),
         "spacing_mm": [round(s, 4) for s in ct.spacing_mm],
@@ -117,9 +138,13 @@ def segment_file(
         "liverseg_version": __version__,
         "machine": machine(),
     }
-    writers = {paths[f]: (lambda p, f=f: FORMATS[f].write(p, ct, result)) for f in formats}
+    writers = {}
+    for f in formats:
+        writers[paths[f]] = lambda p, f=f: FORMATS[f].write(p, ct, result)
+        for kind, (_, write) in FORMATS[f].companions.items():
+            writers[paths[kind]] = lambda p, write=write: write(p, ct, result)
     if "preview" in paths:
-        writers[paths["preview"]] = lambda p: write_png(preview_image(ct, result.mask, LIVER.color_rgb), p)
+        writers[paths["preview"]] = lambda p: write_png(preview_image(ct, result.masks, result.structures), p)
 
     def write_summary(p: Path) -> None:
         seconds["write"] = time.perf_counter() - t_write
@@ -139,7 +164,6 @@ def segment_file(
 
 log = logging.getLogger(__name__)
 
-NO_LIVER = "no liver found: is it an abdominal CT that covers the liver?"
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:

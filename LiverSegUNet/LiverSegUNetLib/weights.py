@@ -15,11 +15,15 @@ from pathlib import Path
 
 from .errors import WeightsError
 from .preprocess import Plan
+from .terminology import CATALOGUE, Structure, structures_from_card
 
-FORMAT = "liversegunet-model/1"
+FORMAT = "liversegunet-model/2"
+#: The first format named its one output by ``label`` (an organ); it is still read.
+FORMAT_V1 = "liversegunet-model/1"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "liver_unet2d.json"
-_BEHAVIOUR_KEYS = ("model_id", "architecture", "preprocessing", "label")
+_BEHAVIOUR_KEYS = ("model_id", "architecture", "preprocessing", "structures")
+_BEHAVIOUR_KEYS_V1 = ("model_id", "architecture", "preprocessing", "label")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -27,8 +31,12 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _behaviour_keys(card: dict) -> tuple[str, ...]:
+    return _BEHAVIOUR_KEYS_V1 if card.get("format") == FORMAT_V1 else _BEHAVIOUR_KEYS
+
+
 def _behaviour_hash(card: dict) -> str:
-    return sha256_bytes(json.dumps({k: card[k] for k in _BEHAVIOUR_KEYS}, sort_keys=True).encode())
+    return sha256_bytes(json.dumps({k: card[k] for k in _behaviour_keys(card)}, sort_keys=True).encode())
 
 
 @dataclass
@@ -44,6 +52,24 @@ class LoadedModel:
     def model_id(self) -> str:
         """The model's identifier from its card."""
         return self.card["model_id"]
+
+    @property
+    def structures(self) -> list[Structure]:
+        """The output structures, one per network channel, in channel order."""
+        return card_structures(self.card)
+
+
+def card_structures(card: dict) -> list[Structure]:
+    """The checked structure list of a card (a format-1 card's ``label`` is its one structure)."""
+    where = f"model {card.get('model_id', '?')}"
+    if card.get("format") == FORMAT_V1:
+        label = card.get("label")
+        if label not in CATALOGUE:
+            raise WeightsError(f"{where}: unknown label {label!r}; known: {', '.join(CATALOGUE)}")
+        entries = [CATALOGUE[label].to_card()]
+    else:
+        entries = card.get("structures")
+    return structures_from_card(entries, int(card.get("architecture", {}).get("out_channels", 1)), where)
 
 
 def build_network(architecture: dict):
@@ -65,11 +91,12 @@ def save_model(
     path: str | os.PathLike,
     *,
     model_id: str,
-    label: str = "liver",
+    structures: list[Structure] = (CATALOGUE["liver"],),
     provenance: dict | None = None,
     dtype: str = "float16",
 ) -> Path:
-    """Write ``<path>.json`` and ``<path>.safetensors`` for ``network``; returns the JSON path."""
+    """Write ``<path>.json`` and ``<path>.safetensors`` for ``network``, whose output channels are
+    ``structures`` in order; returns the JSON path."""
     import torch
     from safetensors.torch import save
 
@@ -77,7 +104,7 @@ def save_model(
     architecture = {
         "name": "UNet2D",
         "in_channels": plan.in_channels,
-        "out_channels": 1,
+        "out_channels": network.head.out_channels,
         "base": network.encoder[0][0].out_channels,
         "depth": network.depth,
     }
@@ -86,8 +113,9 @@ def save_model(
         "model_id": model_id,
         "architecture": architecture,
         "preprocessing": plan.to_dict(),
-        "label": label,
+        "structures": [s.to_card() for s in structures],
     }
+    card_structures(card)  # refuse a list that does not fit the network before writing anything
     state = {
         k: (v.to(getattr(torch, dtype)) if v.is_floating_point() else v).contiguous().cpu()
         for k, v in network.state_dict().items()
@@ -124,9 +152,13 @@ def read_card(path: str | os.PathLike) -> dict:
         raise WeightsError(f"{path}: model card not found") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise WeightsError(f"{path}: model card is not valid JSON ({exc})") from exc
-    missing = [k for k in ("format", *_BEHAVIOUR_KEYS, "weights_file", "weights_sha256") if k not in card]
-    if missing or card.get("format") != FORMAT:
-        raise WeightsError(f"{path}: not a {FORMAT} model card (missing {missing or 'format'})")
+    if not isinstance(card, dict) or card.get("format") not in (FORMAT, FORMAT_V1):
+        found = card.get("format") if isinstance(card, dict) else None
+        raise WeightsError(f"{path}: not a {FORMAT} model card (format {found!r})")
+    missing = [k for k in (*_behaviour_keys(card), "weights_file", "weights_sha256") if k not in card]
+    if missing:
+        raise WeightsError(f"{path}: not a {FORMAT} model card (missing {missing})")
+    card_structures(card)
     return card
 
 

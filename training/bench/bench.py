@@ -84,7 +84,6 @@ def _run_ours(patient_dir: Path, stack: int, device: str, onnxruntime: bool = Fa
     from LiverSegUNetLib.io.segnrrd import write_seg_nrrd
     from LiverSegUNetLib.outputs import write_all
     from LiverSegUNetLib.pipeline import segment_file
-    from LiverSegUNetLib.terminology import LIVER
     from LiverSegUNetLib.weights import load_model
 
     t = time.perf_counter()
@@ -108,7 +107,7 @@ def _run_ours(patient_dir: Path, stack: int, device: str, onnxruntime: bool = Fa
         ct, read_s = _patient_volume(patient_dir, stack)
         result = segment(ct, model, device=device, runtime=runtime)
         t = time.perf_counter()
-        write_all({Path(tmp) / "x.seg.nrrd": lambda p: write_seg_nrrd(result.mask, p, LIVER)})
+        write_all({Path(tmp) / "x.seg.nrrd": lambda p: write_seg_nrrd(result.masks, p, result.structures)})
         stages = {"read+stack": read_s, **result.seconds, "write": time.perf_counter() - t}
         return {
             "model_load_s": load_s,

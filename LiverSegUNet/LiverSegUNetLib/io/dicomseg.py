@@ -40,8 +40,11 @@ def check_dicom_seg_source(ct: Volume, what: str) -> None:
         )
 
 
-def write_dicom_seg(mask: Volume, ct: Volume, path: str | os.PathLike, structure: Structure, model_id: str) -> None:
-    """Write ``mask`` (on ``ct``'s grid) as a binary DICOM Segmentation that references ``ct``'s DICOM series."""
+def write_dicom_seg(
+    masks: list[Volume], ct: Volume, path: str | os.PathLike, structures: list[Structure], model_id: str
+) -> None:
+    """Write ``masks`` (on ``ct``'s grid, one per structure) as a binary DICOM Segmentation, one segment per
+    structure, that references ``ct``'s DICOM series."""
     import copy
 
     check_dicom_seg_source(ct, str(path))
@@ -61,22 +64,28 @@ def write_dicom_seg(mask: Volume, ct: Volume, path: str | os.PathLike, structure
     def concept(code):
         return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
-    description = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=structure.name,
-        segmented_property_category=concept(structure.category),
-        segmented_property_type=concept(structure.type),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="LiverSegUNet", version=__version__, family=codes.cid7162.ArtificialIntelligence
-        ),
-        display_color=hd.color.CIELabColor.from_rgb(*structure.color_rgb),
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="LiverSegUNet", version=__version__, family=codes.cid7162.ArtificialIntelligence
     )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=structure.name,
+            segmented_property_category=concept(structure.category),
+            segmented_property_type=concept(structure.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(*structure.color_rgb),
+        )
+        for number, structure in enumerate(structures, start=1)
+    ]
+    # frames in the headers' (k) order; one binary plane per segment on the last axis
+    pixels = np.stack([np.asarray(m.array) > 0 for m in masks], axis=-1)
     seg = hd.seg.Segmentation(
         source_images=headers,
-        pixel_array=np.ascontiguousarray(mask.array > 0),  # frames in the headers' (k) order
+        pixel_array=pixels if len(masks) > 1 else pixels[..., 0],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
+        segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
         series_number=300,
         sop_instance_uid=hd.UID(),
@@ -85,7 +94,7 @@ def write_dicom_seg(mask: Volume, ct: Volume, path: str | os.PathLike, structure
         manufacturer_model_name=model_id,
         software_versions=__version__,
         device_serial_number="none",
-        series_description=f"{structure.name} (LiverSegUNet)",
+        series_description=f"{', '.join(s.name for s in structures)} (LiverSegUNet)"[:64],
         omit_empty_frames=False,
     )
     seg.save_as(str(path))
