@@ -411,13 +411,15 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
             slicer.util.pip_install(packages)
         return True
 
-    def model(self, device):
-        """The bundled model on ``device``, loaded (and checksum-verified) once."""
+    def model(self, device, modelPath=None):
+        """A model on ``device`` (the bundled liver model, or the card at ``modelPath``), loaded and
+        checksum-verified once."""
         from LiverSegUNetLib.weights import load_model
 
-        if device not in self._models:
-            self._models[device] = load_model(device=device)
-        return self._models[device]
+        key = (str(modelPath or ""), device)
+        if key not in self._models:
+            self._models[key] = load_model(modelPath, device=device)
+        return self._models[key]
 
     # -- geometry ---------------------------------------------------------------------------
     @staticmethod
@@ -478,10 +480,11 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         return node
 
     # -- running ----------------------------------------------------------------------------
-    def startJob(self, inputVolume, outputSegmentation=None, device="auto", postprocess=True):
+    def startJob(self, inputVolume, outputSegmentation=None, device="auto", postprocess=True, modelPath=None):
         """Copy the input and start segmenting in a worker thread; call ``finishJob`` when it ends.
 
-        Without ``outputSegmentation``, ``finishJob`` creates one for the result.
+        Without ``outputSegmentation``, ``finishJob`` creates one for the result. ``modelPath``: a model
+        card to use instead of the bundled liver model; its structures become the segments.
         """
         from LiverSegUNetLib.inference import check_ct
         from LiverSegUNetLib.runtime import resolve_device
@@ -489,7 +492,7 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         volume = self.volumeFromNode(inputVolume)
         check_ct(volume)  # refused here, in the main thread, before a worker starts
         device = resolve_device(device)
-        model = self.model(device)
+        model = self.model(device, modelPath)
         job = SegmentationJob(inputVolume, outputSegmentation, volume, device, postprocess)
 
         def work():
@@ -542,13 +545,20 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         }
 
     def process(
-        self, inputVolume, outputSegmentation=None, device="auto", postprocess=True, progress=None, cancel=None
+        self,
+        inputVolume,
+        outputSegmentation=None,
+        device="auto",
+        postprocess=True,
+        progress=None,
+        cancel=None,
+        modelPath=None,
     ):
         """Segment synchronously (console and tests) through the same JobMonitor the Apply button drives.
 
         Returns the stats dict, or None if cancelled; ``progress(stage, fraction)`` is called each tick.
         """
-        monitor = JobMonitor(self, self.startJob(inputVolume, outputSegmentation, device, postprocess))
+        monitor = JobMonitor(self, self.startJob(inputVolume, outputSegmentation, device, postprocess, modelPath))
         while not monitor.tick():
             if progress:
                 progress(*monitor.job.progress)
