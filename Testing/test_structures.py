@@ -85,7 +85,11 @@ def test_every_writer_holds_both_structures(two_structure_card, result, tmp_path
     write_series(tmp_path / "ct", ct.array.astype(np.float32), spacing_ij=ct.spacing_mm[:2], slice_gap=ct.spacing_mm[2])
     out = tmp_path / "out"
     summary = segment_file(
-        tmp_path / "ct", out, model=load_model(two_structure_card), formats=("seg.nrrd", "nifti", "dicom-seg"), device="cpu"
+        tmp_path / "ct",
+        out,
+        model=load_model(two_structure_card),
+        formats=("seg.nrrd", "nifti", "dicom-seg"),
+        device="cpu",
     )
     source = read_volume(tmp_path / "ct")
     expected = segment(source, load_model(two_structure_card), device="cpu")
@@ -213,7 +217,9 @@ def test_a_card_whose_structures_do_not_fit_the_network_is_refused_on_load(two_s
 def test_format_1_cards_still_load_as_one_structure(tmp_path):
     """Models saved before the structure list (``label`` only) load, with the catalogue entry of their label."""
     old = subprocess.run(
-        ["git", "show", f"{BEFORE}:LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json"], capture_output=True, cwd=ROOT
+        ["git", "show", f"{BEFORE}:LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json"],
+        capture_output=True,
+        cwd=ROOT,
     )
     if old.returncode != 0:
         pytest.fail("this test reads a format-1 card from the repository's history; clone with history (git clone)")

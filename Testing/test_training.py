@@ -67,6 +67,48 @@ def test_tiny_training_run_exports_a_loadable_model(ircadb_root, patient, tmp_pa
     assert result.mask.same_grid(small) and result.mask.array.dtype == np.uint8
 
 
+def test_multi_structure_run_scores_each_structure_and_exports_a_chosen_few(ircadb_root, tmp_path):
+    """liver_multi in miniature: a channel per structure, held-out metrics for those the test patient has
+    masks for (patient 17 has no spleen), and export keeping only some channels."""
+    from training import export
+
+    proc = _train(
+        ircadb_root,
+        tmp_path / "run",
+        "liver_multi",
+        "samples_fraction=0.1",
+        'extra_2d=""',
+        "augment.unenhanced_p=0.0",
+        'train_patients=["3Dircadb1.7"]',
+        'test_patients=["3Dircadb1.17"]',
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = load_model(tmp_path / "run" / "model.json")
+    assert [s.name for s in model.structures][:3] == ["Liver", "Liver tumours", "Portal vein"]
+    assert model.card["architecture"]["out_channels"] == 9
+    scores = model.card["provenance"]["held_out_metrics"]["3Dircadb1.17"]["structures"]
+    assert "spleen" not in scores and {"liver", "liver_tumours", "bone"} <= set(scores)
+    assert set(scores["liver_tumours"]["lesions"]) >= {"reference", "found", "missed", "false"}
+    assert scores["liver_tumours"]["lesions"]["reference"] == 2
+    assert (
+        export.main(
+            [
+                str(tmp_path / "run" / "model.json"),
+                "--to",
+                str(tmp_path / "two.json"),
+                "--structures",
+                "Liver, portal vein",
+            ]
+        )
+        == 0
+    )
+    two = load_model(tmp_path / "two.json")
+    assert [s.name for s in two.structures] == ["Liver", "Portal vein"]
+    torch.testing.assert_close(two.network.head.weight, model.network.head.weight[[0, 2]])
+    with pytest.raises(SystemExit, match="not in the model"):
+        export.main([str(tmp_path / "run" / "model.json"), "--to", str(tmp_path / "x.json"), "--structures", "Heart"])
+
+
 def test_extra_slices_are_turned_to_the_radiological_view(msd_root):
     extra = train.ExtraSlices(msd_root, Plan(hu_min=0, hu_max=255, multiple=16), pixel_mm=1.5)
     assert extra.images.shape == (643, 256, 256) and len(extra.cases) == 122

@@ -50,7 +50,7 @@ def _segment(args: argparse.Namespace) -> int:
     from .measure import describe
     from .pipeline import segment_batch
     from .runtime import resolve_device
-    from .weights import load_model
+    from .weights import STRUCTURES_MODEL, load_model
 
     if args.sample:
         from .sample import sample_ct_path
@@ -59,6 +59,13 @@ def _segment(args: argparse.Namespace) -> int:
     if not args.input:
         raise InputError("no input given: name a CT (DICOM folder, NRRD/NIfTI file, ...), or use --sample")
     device = resolve_device(args.device)
+    if args.structures:
+        if not STRUCTURES_MODEL.is_file():
+            raise InputError(
+                "--structures: no multi-structure model is bundled with this version; "
+                "use --model CARD.json with one trained by training/ (configs/liver_multi.toml)"
+            )
+        args.model = STRUCTURES_MODEL
     t = time.perf_counter()
     model = load_model(args.model, device=device)
     load_s = time.perf_counter() - t
@@ -196,7 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-postprocess", action="store_true", help="keep the raw thresholded network output")
     seg.add_argument("--series-uid", help="SeriesInstanceUID to use when the folder holds several series")
     seg.add_argument("--no-preview", action="store_true", help="do not write the PNG preview")
-    seg.add_argument("--model", type=Path, help="model card (.json) to use instead of the bundled model")
+    which = seg.add_mutually_exclusive_group()
+    which.add_argument("--model", type=Path, help="model card (.json) to use instead of the bundled model")
+    which.add_argument(
+        "--structures",
+        action="store_true",
+        help="the bundled multi-structure model: liver, tumours, vessels and neighbouring organs as segments",
+    )
     seg.add_argument("--batch-size", type=int, default=16, help="slices per network batch (default: 16)")
     seg.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
     seg.add_argument("--allow-non-ct", action="store_true", help="run on DICOM series whose modality is not CT")

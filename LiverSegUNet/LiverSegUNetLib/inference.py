@@ -266,7 +266,15 @@ def predict_canonical(
     grid = SliceGrid.for_slices(hu_crop.shape[1:], spacing_mm[:2], model.plan)
     structures = model.structures
     prediction = ModelGridPrediction(
-        hu_crop, grid, model.plan, network, device, len(structures), batch_size=batch_size, progress=progress, cancel=cancel
+        hu_crop,
+        grid,
+        model.plan,
+        network,
+        device,
+        len(structures),
+        batch_size=batch_size,
+        progress=progress,
+        cancel=cancel,
     )
     with torch.inference_mode():
         if postprocess and probe_applies(structures):

@@ -55,7 +55,8 @@ def describe(rows: list[dict]) -> str:
         text = f"{row['name']} {row['volume_ml']:.1f} ml"
         lesions = row.get("lesions")
         if lesions is not None:
-            text = f"{row['name']} {lesions['count']} lesion{'s' if lesions['count'] != 1 else ''} {row['volume_ml']:.1f} ml"
+            plural = "s" if lesions["count"] != 1 else ""
+            text = f"{row['name']} {lesions['count']} lesion{plural} {row['volume_ml']:.1f} ml"
             if lesions["burden"] is not None:
                 text += f" ({100 * lesions['burden']:.1f}% burden)"
         parts.append(text)

@@ -165,7 +165,6 @@ def segment_file(
 log = logging.getLogger(__name__)
 
 
-
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """The cases named by ``paths``: a folder holding only study folders/images stands for each of them."""
     cases = []

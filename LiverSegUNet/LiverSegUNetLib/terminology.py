@@ -77,7 +77,9 @@ class Structure:
     def from_card(cls, entry: dict, where: str) -> Structure:
         """A structure from a card entry; a missing or malformed field raises :class:`WeightsError` naming it."""
         if not isinstance(entry, dict):
-            raise WeightsError(f"{where}: a structure must be an object with name, color, category, type; got {entry!r}")
+            raise WeightsError(
+                f"{where}: a structure must be an object with name, color, category, type; got {entry!r}"
+            )
         name = entry.get("name")
         if not isinstance(name, str) or not name.strip():
             raise WeightsError(f"{where}: a structure has no name")

@@ -143,7 +143,9 @@ def legend_tsv(structures: list[Structure]) -> str:
     rows = ["value\tname\tcolor_rgb\tsnomed_category\tsnomed_type"]
     for value, s in enumerate(structures, start=1):
         colour = ",".join(map(str, s.color_rgb))
-        rows.append(f"{value}\t{s.name}\t{colour}\t{s.category.value} {s.category.meaning}\t{s.type.value} {s.type.meaning}")
+        rows.append(
+            f"{value}\t{s.name}\t{colour}\t{s.category.value} {s.category.meaning}\t{s.type.value} {s.type.meaning}"
+        )
     return "\n".join(rows) + "\n"
 
 
