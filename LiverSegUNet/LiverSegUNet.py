@@ -91,6 +91,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.postprocessCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.structuresCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.show3DButton.connect("clicked(bool)", self.onShow3DButton)
@@ -138,6 +139,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
             self.ui.outputSegmentationSelector.setCurrentNode(p.GetNodeReference("OutputSegmentation"))
             self.ui.deviceComboBox.setCurrentText(p.GetParameter("Device"))
             self.ui.postprocessCheckBox.setChecked(p.GetParameter("Postprocess") == "true")
+            self.ui.structuresCheckBox.setChecked(p.GetParameter("Structures") == "true")
         finally:
             self._updating = False
         self._updateButtons()
@@ -153,6 +155,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         p.SetNodeReferenceID("OutputSegmentation", outputNode.GetID() if outputNode else None)
         p.SetParameter("Device", self.ui.deviceComboBox.currentText)
         p.SetParameter("Postprocess", "true" if self.ui.postprocessCheckBox.checked else "false")
+        p.SetParameter("Structures", "true" if self.ui.structuresCheckBox.checked else "false")
         p.EndModify(wasModified)
         self._updateButtons()
 
@@ -170,6 +173,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
             self.ui.loadSampleButton,
         ):
             widget.enabled = not running
+        self.ui.structuresCheckBox.enabled = not running and self.logic.structuresModelPath() is not None
 
     def onLoadSampleButton(self):
         with slicer.util.tryWithErrorDisplay(_("Could not load the sample CT."), waitCursor=True):
@@ -197,6 +201,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
                 p.GetNodeReference("OutputSegmentation"),  # None: created with the result
                 p.GetParameter("Device"),
                 p.GetParameter("Postprocess") == "true",
+                self.logic.structuresModelPath() if p.GetParameter("Structures") == "true" else None,
             )
         self._monitor = JobMonitor(self.logic, job)
         self.ui.progressBar.value = 0
@@ -347,6 +352,8 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
             parameterNode.SetParameter("Device", "auto")
         if not parameterNode.GetParameter("Postprocess"):
             parameterNode.SetParameter("Postprocess", "true")
+        if not parameterNode.GetParameter("Structures"):
+            parameterNode.SetParameter("Structures", "false")
         if not parameterNode.GetNodeReference("InputVolume"):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -410,6 +417,13 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         if packages:
             slicer.util.pip_install(packages)
         return True
+
+    @staticmethod
+    def structuresModelPath():
+        """The bundled multi-structure model card, or None when this version bundles none."""
+        from LiverSegUNetLib.weights import STRUCTURES_MODEL
+
+        return STRUCTURES_MODEL if STRUCTURES_MODEL.is_file() else None
 
     def model(self, device, modelPath=None):
         """A model on ``device`` (the bundled liver model, or the card at ``modelPath``), loaded and
@@ -506,6 +520,7 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
                     postprocess=postprocess,
                     progress=lambda stage, fraction: setattr(job, "progress", (stage, fraction)),
                     cancel=job.cancel.is_set,
+                    checked=True,  # by check_ct above
                 )
             except Exception as exc:  # handed to the main thread by finishJob
                 job.error = exc

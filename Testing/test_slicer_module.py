@@ -187,6 +187,7 @@ def test_parameter_node_defaults_and_saved_scene(scene, tmp_path):
     logic.setDefaultParameters(p)
     assert p.GetNodeReference("InputVolume") == first
     assert p.GetParameter("Device") == "auto" and p.GetParameter("Postprocess") == "true"
+    assert p.GetParameter("Structures") == "false"
     p.SetParameter("Device", "cpu")
     p.SetParameter("Postprocess", "false")
     slicer.mrmlScene.SetURL(str(tmp_path / "scene.mrml"))

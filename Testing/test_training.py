@@ -245,10 +245,18 @@ def test_report_is_written_from_runs(tmp_path):
 
     runs = tmp_path / "loo"
     for patient, dice in (("3Dircadb1.1", 0.9), ("3Dircadb1.7", 0.8)):
-        for exp in ("liver_scratch", "liver_transfer_25"):
+        for exp in ("liver_scratch", "liver_transfer_25", "liver_robust", "liver_multi"):
             folder = runs / patient / exp
             folder.mkdir(parents=True)
             metrics = {"dice": dice, "voe": 0.2, "rvd": 0.01, "assd_mm": 2.0, "hd95_mm": 9.0, "accuracy": 0.99}
+            if exp == "liver_multi":
+                metrics["dice"] += 0.01
+                lesions = {"reference": 3, "found": 2, "missed": 1, "false": 1, "split": 0, "merged": 0}
+                metrics["structures"] = {
+                    "liver": {"dice": dice + 0.01},
+                    "liver_tumours": {"dice": 0.6, "pred_ml": 10.0, "ref_ml": 12.0, "lesions": lesions},
+                    **({"spleen": {"dice": 0.9}} if patient == "3Dircadb1.1" else {}),
+                }
             prov = {
                 "organ": "liver",
                 "training_slices": 100,
@@ -270,6 +278,11 @@ def test_report_is_written_from_runs(tmp_path):
     text = path.read_text()
     assert "| liver_scratch | liver | 100 | 2 | 0.850 ± 0.071 |" in text
     assert "0.900 / 2.00 / 9.0" in text and "Why pixel accuracy flatters" in text
+    # the multi-structure section: blank where a patient has no mask, what ships, the liver with and without
+    assert "| Spleen | 0.900 |  | 0.900 | yes |" in text
+    assert "| Liver tumours | 0.600 | 0.600 | 0.600 | no |" in text
+    assert "| 3Dircadb1.7 | 3 | 2 | 1 | 1 | 0 | 0 | 10.0 / 12.0 |" in text
+    assert "| mean | 0.850 | 0.860 | +0.010 |" in text
     assert {p.name for p in (tmp_path / "results").glob("*.png")} == {
         "curves_train_loss.png",
         "curves_val_loss.png",

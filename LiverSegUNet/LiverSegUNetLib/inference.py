@@ -315,17 +315,21 @@ def segment(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     runtime: Runtime | None = None,
+    checked: bool = False,
 ) -> Segmentation:
     """Segment every structure of the model (the liver, for the bundled one) in a CT volume; the masks lie
     on exactly the input's grid.
 
     ``runtime(network, device) -> (callable, input dtype, autocast context)`` replaces the default
-    torch runtime (:func:`runtime_network`), e.g. to compare another inference engine.
+    torch runtime (:func:`runtime_network`), e.g. to compare another inference engine. ``checked``: the
+    caller already refused unusable input with :func:`check_ct` (the Slicer Logic does, in the main thread,
+    before its worker starts), so it is not checked twice.
     """
     from .runtime import resolve_device, runtime_network
     from .weights import load_model
 
-    check_ct(volume)
+    if not checked:
+        check_ct(volume)
     device = resolve_device(device)
     seconds = {}
     if model is None:
