@@ -14,6 +14,7 @@ from pathlib import Path
 from LiverSegUNetLib.errors import InputError
 from LiverSegUNetLib.io.ircadb import default_data_root
 from LiverSegUNetLib.outputs import atomic_write_bytes
+from LiverSegUNetLib.weights import STRUCTURES_MODEL
 
 from training.bench import bench
 
@@ -34,7 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="3D-IRCADb patient folders (default: every patient under $LIVERSEG_DATA/3Dircadb1)",
     )
     methods = ", ".join(bench.METHODS)
-    parser.add_argument("--methods", default=",".join(bench.METHODS), help=f"comma-separated subset of: {methods}")
+    default = [m for m in bench.METHODS if m != bench.STRUCTURES or STRUCTURES_MODEL.is_file()]
+    parser.add_argument(
+        "--methods",
+        default=",".join(default),
+        help=f"comma-separated subset of: {methods} (default: all; {bench.STRUCTURES} only when bundled)",
+    )
+    parser.add_argument(
+        "--structures-model",
+        type=Path,
+        default=STRUCTURES_MODEL,
+        help="model card that ours_structures runs (default: the bundled multi-structure model)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of our pipeline per patient (median reported)")
     parser.add_argument("--device", default="cpu", help="device for our pipeline (default: cpu)")
     parser.add_argument(
@@ -57,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
-        print(json.dumps(bench.worker(args.worker, args.patients[0], args.stack, args.device, args.baseline_slices)))
+        result = bench.worker(
+            args.worker, args.patients[0], args.stack, args.device, args.baseline_slices, args.structures_model
+        )
+        print(json.dumps(result))
         return 0
     root = default_data_root() / "3Dircadb1"
     patients = args.patients or (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
@@ -76,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         args.baseline_slices,
         args.stack,
         progress=lambda m: print(m, file=sys.stderr, flush=True),
+        structures_model=args.structures_model,
     )
     command = " ".join(["python -m training.bench", *(sys.argv[1:] if argv is None else argv)])
     text = bench.table(results, info, command)

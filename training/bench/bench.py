@@ -29,7 +29,9 @@ PEERS = {
 }
 #: Our pipeline with the network run by ONNX Runtime (fp32) instead of torch: the optional-backend candidate.
 ONNXRUNTIME = "ours_onnxruntime"
-METHODS = ["ours", ONNXRUNTIME, "report_unet_fp32", *PEERS]
+#: Our pipeline with the multi-structure model (``--structures-model``, the bundled one by default).
+STRUCTURES = "ours_structures"
+METHODS = ["ours", STRUCTURES, ONNXRUNTIME, "report_unet_fp32", *PEERS]
 #: Internal method: our inference on the patient stacked ``stack`` times along k, to show memory scaling.
 STACKED = "ours_stacked"
 
@@ -80,14 +82,16 @@ def onnxruntime_runtime(model, folder: str):
     return lambda network, device: runtime.NetworkRuntime(run, torch.float32, contextlib.nullcontext(), "fp32")
 
 
-def _run_ours(patient_dir: Path, stack: int, device: str, onnxruntime: bool = False) -> dict:
+def _run_ours(
+    patient_dir: Path, stack: int, device: str, onnxruntime: bool = False, model_path: Path | None = None
+) -> dict:
     from LiverSegUNetLib.io.segnrrd import write_seg_nrrd
     from LiverSegUNetLib.outputs import write_all
     from LiverSegUNetLib.pipeline import segment_file
     from LiverSegUNetLib.weights import load_model
 
     t = time.perf_counter()
-    model = load_model(device=device)
+    model = load_model(model_path, device=device)
     export = tempfile.TemporaryDirectory()
     runtime = onnxruntime_runtime(model, export.name) if onnxruntime else None
     load_s = time.perf_counter() - t
@@ -160,14 +164,22 @@ def _run_peer(name: str, patient_dir: Path) -> dict:
     }
 
 
-def worker(method: str, patient_dir: Path, stack: int, device: str, baseline_slices: int) -> dict:
+def worker(
+    method: str, patient_dir: Path, stack: int, device: str, baseline_slices: int, structures_model: Path | None = None
+) -> dict:
     """Run one measurement in this process and return its numbers (peak memory included)."""
     import torch  # noqa: F401  (start-up cost is the process's, not the first stage's)
     from LiverSegUNetLib import inference, io, pipeline  # noqa: F401
 
     ready = time.time()
-    if method in ("ours", STACKED, ONNXRUNTIME):
-        out = _run_ours(patient_dir, stack if method == STACKED else 0, device, onnxruntime=method == ONNXRUNTIME)
+    if method in ("ours", STACKED, ONNXRUNTIME, STRUCTURES):
+        out = _run_ours(
+            patient_dir,
+            stack if method == STACKED else 0,
+            device,
+            onnxruntime=method == ONNXRUNTIME,
+            model_path=structures_model if method == STRUCTURES else None,
+        )
     elif method == "report_unet_fp32":
         out = _run_report_unet(patient_dir, baseline_slices)
     else:
@@ -182,7 +194,14 @@ def worker(method: str, patient_dir: Path, stack: int, device: str, baseline_sli
     }
 
 
-def measure(method: str, patient_dir: Path, stack: int = 0, device: str = "cpu", baseline_slices: int = 16) -> dict:
+def measure(
+    method: str,
+    patient_dir: Path,
+    stack: int = 0,
+    device: str = "cpu",
+    baseline_slices: int = 16,
+    structures_model: Path | None = None,
+) -> dict:
     """Spawn a worker process for one measurement; adds its start-up time (interpreter + imports)."""
     spawn = time.time()
     cmd = [
@@ -199,6 +218,7 @@ def measure(method: str, patient_dir: Path, stack: int = 0, device: str = "cpu",
         device,
         "--baseline-slices",
         str(baseline_slices),
+        *(["--structures-model", str(structures_model)] if structures_model else []),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -288,16 +308,23 @@ def run_bench(
     baseline_slices: int,
     stack: int,
     progress=print,
+    structures_model: Path | None = None,
 ) -> tuple[dict, list[dict]]:
     """All measurements: ``repeats`` runs of ours, one of each other method, per patient; then memory scaling."""
     results: dict[str, dict[str, list[dict]]] = {}
     for patient in patients:
         for method in methods:
-            runs = repeats if method == "ours" else 1
+            runs = repeats if method in ("ours", STRUCTURES) else 1
             for i in range(runs):
                 progress(f"{patient.name}: {method} run {i + 1}/{runs}")
                 results.setdefault(patient.name, {}).setdefault(method, []).append(
-                    measure(method, patient, device=device, baseline_slices=baseline_slices)
+                    measure(
+                        method,
+                        patient,
+                        device=device,
+                        baseline_slices=baseline_slices,
+                        structures_model=structures_model,
+                    )
                 )
     scaling = []
     if stack > 1 and patients:
