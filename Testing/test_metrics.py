@@ -1,4 +1,4 @@
-"""Metrics against values worked out by hand."""
+"""Metrics against values worked out by hand, and per-lesion detection on constructed lesions."""
 
 from __future__ import annotations
 
@@ -56,3 +56,26 @@ def test_asymmetric_distances_by_hand():
     assert metrics.assd(pred, ref, (1, 1, 1)) == pytest.approx((2.0 + 0.0) / 2)
     assert metrics.hd95(pred, ref, (1, 1, 1)) == pytest.approx(np.percentile([0, 4], 95))
     assert metrics.surface(_box((5, 5, 5), (1, 1, 1), (4, 4, 4))).sum() == 27 - 1
+
+
+def _blobs(shape, centres, radius=2):
+    k, j, i = np.indices(shape)
+    out = np.zeros(shape, bool)
+    for c in centres:
+        out |= (k - c[0]) ** 2 + (j - c[1]) ** 2 + (i - c[2]) ** 2 <= radius**2
+    return out
+
+
+def test_lesion_detection_on_constructed_masks():
+    shape = (20, 40, 40)
+    ref = _blobs(shape, [(5, 8, 8), (5, 30, 30), (14, 8, 8), (14, 8, 30), (14, 30, 20)])
+    pred = _blobs(shape, [(5, 8, 8)])  # found
+    pred[5, 28:33, 29] = pred[5, 28:33, 31] = True  # two pieces over one lesion: split
+    pred[14, 8, 8:31] = True  # one piece over two lesions: merged
+    pred |= _blobs(shape, [(10, 35, 5)], 1)  # touching nothing: false
+    # the lesion at (14, 30, 20) is untouched: missed
+    m = metrics.lesion_detection(pred.astype(np.uint8), ref.astype(np.uint8))
+    assert m == {"reference": 5, "predicted": 5, "found": 4, "missed": 1, "false": 1, "split": 1, "merged": 1}
+    empty = np.zeros(shape, np.uint8)
+    assert metrics.lesion_detection(empty, empty) == dict.fromkeys(m, 0)
+    assert metrics.lesion_detection(empty, ref.astype(np.uint8))["missed"] == 5

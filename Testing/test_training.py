@@ -338,3 +338,38 @@ def test_the_shipped_recipe_trades_a_little_native_dice_for_a_better_worst_condi
             json.dumps({"provenance": {"held_out_metrics": {patient: {"dice": value}}}})
         )
     assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_scratch_msd"
+
+
+def test_loss_ignores_structures_a_patient_has_no_mask_for():
+    dice_bce_loss = train.dice_bce_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 8, 8, requires_grad=True)
+    target = (torch.rand(4, 3, 8, 8) > 0.5).float()
+    available = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    dice_bce_loss(logits, target, available).backward()
+    grad = logits.grad.abs().sum((2, 3))
+    assert (grad[~available] == 0).all() and (grad[available] > 0).all()
+    # no mask anywhere for a structure: the loss is that of the others alone
+    none = torch.tensor([[1, 1, 0]] * 4, dtype=torch.bool)
+    torch.testing.assert_close(
+        dice_bce_loss(logits, target, none), dice_bce_loss(logits[:, :2], target[:, :2], none[:, :2])
+    )
+    # one structure, all present: the original loss (cross-entropy plus soft Dice over the batch)
+    one = dice_bce_loss(logits[:, :1], target[:, :1])
+    prob = torch.sigmoid(logits[:, :1])
+    dice = (2 * (prob * target[:, :1]).sum() + 1) / (prob.sum() + target[:, :1].sum() + 1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, :1], target[:, :1])
+    torch.testing.assert_close(one, bce + 1 - dice)
+
+
+def test_tumour_targets_are_the_lesion_masks_inside_the_liver(patient):
+    from training.labels import mask_names, targets
+
+    p = patient("3Dircadb1.17")
+    assert mask_names(p.organs, "liver_tumours") == ["livertumor1", "livertumor2"]
+    liver, tumours, spleen = targets(p, ["liver", "liver_tumours", "spleen"])
+    assert spleen is None  # patient 17 has no spleen mask: no target, not "absent"
+    raw = np.logical_or(p.mask("livertumor1").array, p.mask("livertumor2").array)
+    assert tumours.sum() > 0 and not (tumours & ~liver).any()
+    assert tumours.sum() == (raw & (liver > 0)).sum()
