@@ -226,8 +226,10 @@ def to_input_grid(
             for start in range(0, n, prediction.batch_size):
                 prediction.check_cancel()
                 stop = min(n, start + prediction.batch_size)
-                maps = torch.from_numpy(probability[start:stop]).float() / 255
-                out[start:stop, rows, cols] = (from_model_grid(maps, prediction.grid) >= threshold).numpy()
+                # bilinear weights are a convex combination: below the level everywhere stays below it
+                if probability[start:stop].max(initial=0) >= prediction.level:
+                    maps = torch.from_numpy(probability[start:stop]).float() / 255
+                    out[start:stop, rows, cols] = (from_model_grid(maps, prediction.grid) >= threshold).numpy()
                 if prediction.progress is not None:
                     prediction.progress("resample", (index * n + stop) / (count * n))
             masks.append(out)
