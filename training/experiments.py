@@ -3,7 +3,8 @@
     python -m training.experiments                 # everything: LOO runs, final model, RESULTS.md + plots
     python -m training.experiments --stage loo     # only the leave-one-out runs (finished runs are skipped)
     python -m training.experiments --stage robustness   # score every fold model on the robustness conditions
-    python -m training.experiments --stage final   # retrain the best liver experiment on all patients, bundle it
+    python -m training.experiments --stage final   # retrain the best liver experiment and the multi-structure
+                                                   # recipe on all patients, bundle them
     python -m training.report                      # only regenerate RESULTS.md and the plots
 
 Every patient folder found under <data>/3Dircadb1 is a fold: it is the test patient, the others
@@ -21,6 +22,8 @@ import sys
 from pathlib import Path
 
 from LiverSegUNetLib.io.ircadb import default_data_root, is_ircadb_patient
+
+from training.export import keep_structures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,6 +166,9 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
         sets.append(f'init_from="{portable(str(runs.parent / "final" / "bone_pretrain" / "model.json"))}"')
     run(best, out, data, sets)
     model = load_model(out / "model.json")
+    network, structures = model.network, model.structures
+    if len(structures) > 1:  # a multi-structure recipe won on the liver: ship its liver channel, as fast as ever
+        network, structures = keep_structures(model, [structures[0].name])
     provenance = {
         **model.card["provenance"],
         "chosen_as": (
@@ -178,14 +184,54 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
         "command": "python -m training.experiments --stage final",
     }
     card = save_model(
-        model.network,
+        network,
         model.plan,
         DEFAULT_MODEL,
         model_id=f"liver-unet2d-{best}-all",
-        label="liver",
+        structures=structures,
         provenance=provenance,
     )
     print(f"installed {best} trained on {patients} as {card.relative_to(ROOT)}")
+    return card
+
+
+def final_structures(data: Path, runs: Path, extra: list[str], recipe: str = "liver_multi") -> Path | None:
+    """Retrain the multi-structure recipe on every patient and install, as the structures model, the
+    structures whose leave-one-out results are good enough (``report.ships``); None without fold runs."""
+    from LiverSegUNetLib.terminology import CATALOGUE
+    from LiverSegUNetLib.weights import STRUCTURES_MODEL, load_model, save_model
+
+    from training.report import SHIP_DICE, collect, ships, structure_scores
+
+    scores = structure_scores(collect(runs), recipe)
+    if not scores:
+        print(f"no {recipe} fold runs under {runs}: no structures model", flush=True)
+        return None
+    shipped = [k for k in CATALOGUE if k in scores and ships(scores[k])]
+    if not shipped or shipped[0] != "liver":
+        raise SystemExit(f"{recipe}: the liver does not pass its own bar ({scores.get('liver')}); nothing to ship")
+    patients = find_patients(data)
+    out = runs.parent / "final" / recipe
+    run(recipe, out, data, [f"train_patients={json.dumps(patients)}", "test_patients=[]", "validate=false", *extra])
+    model = load_model(out / "model.json")
+    network, structures = keep_structures(model, [CATALOGUE[k].name for k in shipped])
+    provenance = {
+        **model.card["provenance"],
+        "chosen_as": f"structures of {recipe} with mean leave-one-out Dice >= {SHIP_DICE} (lesions: found > missed, "
+        "false < found); the others stay in the results",
+        "leave_one_out_structures": scores,
+        "left_out": [k for k in scores if k not in shipped],
+        "command": "python -m training.experiments --stage final",
+    }
+    card = save_model(
+        network,
+        model.plan,
+        STRUCTURES_MODEL,
+        model_id=f"structures-unet2d-{recipe}-all",
+        structures=structures,
+        provenance=provenance,
+    )
+    print(f"installed {recipe} ({', '.join(s.name for s in structures)}) as {card.relative_to(ROOT)}", flush=True)
     return card
 
 
@@ -208,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         run_robustness(data, args.runs, robustness_file)
     if args.stage in ("all", "final"):
         final(data, args.runs, args.set, robustness_file)
+        final_structures(data, args.runs, args.set)
     if args.stage in ("all", "report"):
         from training.report import write_report
 
