@@ -373,3 +373,38 @@ def test_tumour_targets_are_the_lesion_masks_inside_the_liver(patient):
     raw = np.logical_or(p.mask("livertumor1").array, p.mask("livertumor2").array)
     assert tumours.sum() > 0 and not (tumours & ~liver).any()
     assert tumours.sum() == (raw & (liver > 0)).sum()
+
+
+def test_final_stage_ships_only_the_structures_that_pass(tmp_path, monkeypatch):
+    """The structures model keeps the channels whose leave-one-out results pass (report.ships), in order."""
+    from LiverSegUNetLib import weights
+
+    from training import experiments
+
+    data = tmp_path / "data"
+    for p in ("3Dircadb1.1", "3Dircadb1.7"):
+        (data / "3Dircadb1" / p / "PATIENT_DICOM").mkdir(parents=True)
+    runs = tmp_path / "runs" / "loo"
+    lesions = {"reference": 2, "found": 0, "missed": 2, "false": 3, "split": 0, "merged": 0}
+    for p in ("3Dircadb1.1", "3Dircadb1.7"):
+        folder = runs / p / "liver_multi"
+        folder.mkdir(parents=True)
+        scores = {
+            "liver": {"dice": 0.9},
+            "liver_tumours": {"dice": 0.75, "lesions": lesions},  # Dice passes, detection does not
+            "portal_vein": {"dice": 0.72},
+            "bone": {"dice": 0.5},
+        }
+        prov = {"test_patients": [p], "held_out_metrics": {p: {"dice": 0.9, "structures": scores}}}
+        (folder / "model.json").write_text(json.dumps({"provenance": prov}))
+        (folder / "history.json").write_text("[]")
+    keys = ["liver", "liver_tumours", "portal_vein", "venous_system", "bone"]
+    net = train.UNet2D(3, len(keys), base=4, depth=2)
+    final = tmp_path / "runs" / "final" / "liver_multi"
+    save_model(net, Plan(multiple=4), final / "model", model_id="m", structures=[CATALOGUE[k] for k in keys])
+    monkeypatch.setattr(weights, "STRUCTURES_MODEL", tmp_path / "structures.json")
+    card = experiments.final_structures(data, runs, [])
+    model = load_model(card)
+    assert [s.name for s in model.structures] == ["Liver", "Portal vein"]
+    torch.testing.assert_close(model.network.head.weight.float(), net.head.weight[[0, 2]].half().float())
+    assert set(model.card["provenance"]["left_out"]) == {"liver_tumours", "bone"}

@@ -63,7 +63,7 @@ def find_patients(data: Path) -> list[str]:
 def run(config: str, out: Path, data: Path, sets: list[str]) -> None:
     """Train one configuration into ``out`` unless it already finished there (an interrupted run resumes)."""
     if (out / "model.json").exists():
-        print(f"done already: {out.relative_to(ROOT)}", flush=True)
+        print(f"done already: {portable(str(out))}", flush=True)
         return
     cmd = [
         sys.executable,
@@ -191,7 +191,7 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
         structures=structures,
         provenance=provenance,
     )
-    print(f"installed {best} trained on {patients} as {card.relative_to(ROOT)}")
+    print(f"installed {best} trained on {patients} as {portable(str(card))}")
     return card
 
 
@@ -231,7 +231,7 @@ def final_structures(data: Path, runs: Path, extra: list[str], recipe: str = "li
         structures=structures,
         provenance=provenance,
     )
-    print(f"installed {recipe} ({', '.join(s.name for s in structures)}) as {card.relative_to(ROOT)}", flush=True)
+    print(f"installed {recipe} ({', '.join(s.name for s in structures)}) as {portable(str(card))}", flush=True)
     return card
 
 
