@@ -408,3 +408,19 @@ def test_final_stage_ships_only_the_structures_that_pass(tmp_path, monkeypatch):
     assert [s.name for s in model.structures] == ["Liver", "Portal vein"]
     torch.testing.assert_close(model.network.head.weight.float(), net.head.weight[[0, 2]].half().float())
     assert set(model.card["provenance"]["left_out"]) == {"liver_tumours", "bone"}
+
+
+def test_contrast_only_structures_are_no_target_where_the_contrast_was_removed():
+    train_set = [_Fake(40, 1)]
+    for ps in train_set:
+        ps.labels = torch.zeros((40, 2, 8, 8))
+        ps.available = torch.ones(2, dtype=torch.bool)
+    plan, batch = Plan(multiple=4), [(0, k) for k in range(40)]
+    vessels = torch.tensor([False, True])
+    aug = {"unenhanced_p": 1.0, "thick_p": 0.0, "thick_slices": [2]}
+    _, _, available = train.make_batch(train_set, batch, plan, 8, np.random.default_rng(0), aug, vessels)
+    assert available[:, 0].all()  # the liver stays a target
+    assert 5 < int((~available[:, 1]).sum()) < 35  # vessels dropped where more than half was removed
+    aug["unenhanced_p"] = 0.0
+    _, _, available = train.make_batch(train_set, batch, plan, 8, np.random.default_rng(0), aug, vessels)
+    assert available.all()

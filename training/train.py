@@ -113,6 +113,9 @@ def structure_keys(cfg: dict) -> list[str]:
     """The structures a run trains, one output channel each: ``organ`` first, then ``extra_structures``."""
     keys = [cfg["organ"], *cfg["extra_structures"]]
     labels.check_keys(keys)
+    stray = set(cfg["augment"]["contrast_only"]) - set(keys)
+    if stray:
+        raise SystemExit(f"augment.contrast_only names {sorted(stray)}, which this run does not train ({keys})")
     return keys
 
 
@@ -239,13 +242,16 @@ def crop_or_pad(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.T
     return x[..., top : top + size, left : left + size]
 
 
-def make_batch(train, batch, plan: Plan, crop: int, rng, aug: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_batch(
+    train, batch, plan: Plan, crop: int, rng, aug: dict, contrast_only: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images ``(B, C, crop, crop)`` with neighbouring-slice channels, labels ``(B, S, crop, crop)`` and which
     labels exist ``(B, S)`` (a structure without an expert mask in that sample's patient is not a target).
 
     Per sample, with probability ``aug["unenhanced_p"]`` the contrast is removed by a random share
     (uniform 0..1), and with probability ``aug["thick_p"]`` the slices are averaged into slabs of
-    one of ``aug["thick_slices"]`` slices.
+    one of ``aug["thick_slices"]`` slices. Where more than half the contrast was removed, the structures
+    flagged in ``contrast_only`` (``(S,)`` bool) are no target for that sample.
     """
     xs, ys, available = [], [], []
     channels = 2 * plan.context + 1
@@ -256,7 +262,10 @@ def make_batch(train, batch, plan: Plan, crop: int, rng, aug: dict) -> tuple[tor
         both = crop_or_pad(train[p].sample(k, plan.context, unenhanced, slab), crop, rng)
         xs.append(both[:channels])
         ys.append(both[channels:])
-        available.append(train[p].available)
+        if contrast_only is not None and unenhanced > 0.5:
+            available.append(train[p].available & ~contrast_only)
+        else:
+            available.append(train[p].available)
     return torch.stack(xs).float(), torch.stack(ys).float(), torch.stack(available)
 
 
@@ -500,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     unenhanced = cfg["augment"]["unenhanced_p"] > 0
     keys = structure_keys(cfg)
+    contrast_only = torch.tensor([k in cfg["augment"]["contrast_only"] for k in keys])
     train = [PatientSlices(IrcadbPatient(data_root / n), keys, plan, unenhanced) for n in cfg["train_patients"]]
     test = [IrcadbPatient(data_root / n) for n in cfg["test_patients"]]
     leaked = set(cfg["train_patients"]) & set(cfg["test_patients"])
@@ -567,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             if extra is not None:  # drawn for every rank from the shared generator, each rank takes its row
                 picks = rng.integers(0, extra.images.shape[0], (world, cfg["batch_size"] - per_batch))[rank]
                 batch += [(len(train) - 1, int(k)) for k in picks]
-            x, y, available = make_batch(train, batch, plan, cfg["crop"], rng, cfg["augment"])
+            x, y, available = make_batch(train, batch, plan, cfg["crop"], rng, cfg["augment"], contrast_only)
             x, y = augment(x, y, cfg["augment"], gen)
             losses.append(train_step(ddp, opt, sched, (x, y, available), autocast, device, cfg["extra_weight"]))
         if world > 1:  # batch-norm statistics are per process; keep rank 0's everywhere, as it is saved
