@@ -424,3 +424,18 @@ def test_contrast_only_structures_are_no_target_where_the_contrast_was_removed()
     aug["unenhanced_p"] = 0.0
     _, _, available = train.make_batch(train_set, batch, plan, 8, np.random.default_rng(0), aug, vessels)
     assert available.all()
+
+
+def test_a_liver_model_starts_a_multi_structure_run(tmp_path):
+    """Every weight but the output layer, and the liver's output channel, come from the liver model."""
+    torch.manual_seed(1)
+    liver = train.UNet2D(3, 1, base=4, depth=2)
+    card = save_model(liver, Plan(multiple=4), tmp_path / "liver", model_id="l", dtype="float32")
+    cfg = train.load_config(CONFIGS / "liver_multi.toml", ["base=4", "depth=2", f"init_from={json.dumps(str(card))}"])
+    net = train.initial_network(cfg, train.plan_of(cfg))
+    assert net.head.out_channels == 9
+    torch.testing.assert_close(net.head.weight[:1], liver.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(net.head.bias[:1], liver.head.bias, rtol=0, atol=0)
+    torch.testing.assert_close(net.encoder[1][0].weight, liver.encoder[1][0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(net.decoder[0][0].weight, liver.decoder[0][0].weight, rtol=0, atol=0)
+    assert not torch.equal(net.head.weight[1], net.head.weight[2])  # the new channels start fresh

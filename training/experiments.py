@@ -39,7 +39,12 @@ EXPERIMENTS = [
     "liver_robust",
     "liver_multi",
 ]
-TRANSFER = {"liver_transfer_25", "liver_transfer_25_frozen"}
+#: Experiments that start from another experiment's model of the same fold (``init_from``).
+STARTS_FROM = {
+    "liver_transfer_25": "bone_pretrain",
+    "liver_transfer_25_frozen": "bone_pretrain",
+    "liver_multi": "liver_robust",
+}
 LIVER = [e for e in EXPERIMENTS if e.startswith("liver")]
 
 
@@ -93,8 +98,8 @@ def loo(data: Path, runs: Path, extra: list[str], only: list[str]) -> None:
             if only and exp not in only:
                 continue
             sets = split + extra
-            if exp in TRANSFER:
-                sets.append(f'init_from="{portable(str(runs / test / "bone_pretrain" / "model.json"))}"')
+            if exp in STARTS_FROM:
+                sets.append(f'init_from="{portable(str(runs / test / STARTS_FROM[exp] / "model.json"))}"')
             run(exp, runs / test / exp, data, sets)
 
 
@@ -161,9 +166,10 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
     everyone = [f"train_patients={json.dumps(patients)}", "test_patients=[]", "validate=false"]
     out = runs.parent / "final" / best
     sets = everyone + extra
-    if best in TRANSFER:
-        run("bone_pretrain", runs.parent / "final" / "bone_pretrain", data, everyone + extra)
-        sets.append(f'init_from="{portable(str(runs.parent / "final" / "bone_pretrain" / "model.json"))}"')
+    if best in STARTS_FROM:
+        source = runs.parent / "final" / STARTS_FROM[best]
+        run(STARTS_FROM[best], source, data, everyone + extra)
+        sets.append(f'init_from="{portable(str(source / "model.json"))}"')
     run(best, out, data, sets)
     model = load_model(out / "model.json")
     network, structures = model.network, model.structures
@@ -212,7 +218,13 @@ def final_structures(data: Path, runs: Path, extra: list[str], recipe: str = "li
         raise SystemExit(f"{recipe}: the liver does not pass its own bar ({scores.get('liver')}); nothing to ship")
     patients = find_patients(data)
     out = runs.parent / "final" / recipe
-    run(recipe, out, data, [f"train_patients={json.dumps(patients)}", "test_patients=[]", "validate=false", *extra])
+    everyone = [f"train_patients={json.dumps(patients)}", "test_patients=[]", "validate=false", *extra]
+    sets = list(everyone)
+    if recipe in STARTS_FROM:
+        source = runs.parent / "final" / STARTS_FROM[recipe]
+        run(STARTS_FROM[recipe], source, data, everyone)
+        sets.append(f'init_from="{portable(str(source / "model.json"))}"')
+    run(recipe, out, data, sets)
     model = load_model(out / "model.json")
     network, structures = keep_structures(model, [CATALOGUE[k].name for k in shipped])
     provenance = {

@@ -297,12 +297,28 @@ def augment(x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator) -
 
 
 def initial_network(cfg: dict, plan: Plan) -> UNet2D:
-    """The network a run starts from: fresh, or initialised from ``init_from``; the encoder frozen if asked."""
-    architecture = {"name": "UNet2D", "in_channels": plan.in_channels, "out_channels": len(structure_keys(cfg))}
+    """The network a run starts from: fresh, or initialised from ``init_from``; the encoder frozen if asked.
+
+    A source with other output structures (a liver model starting a multi-structure run) gives every
+    weight but the output layer, and the output channels of the structures both have, by name.
+    """
+    keys = structure_keys(cfg)
+    architecture = {"name": "UNet2D", "in_channels": plan.in_channels, "out_channels": len(keys)}
     net = build_network({**architecture, "base": cfg["base"], "depth": cfg["depth"]})
     if cfg["init_from"]:
         source = load_model(ROOT / cfg["init_from"] if not Path(cfg["init_from"]).is_absolute() else cfg["init_from"])
-        net.load_state_dict(source.network.state_dict())
+        names = [CATALOGUE[k].name for k in keys]
+        theirs = [s.name for s in source.structures]
+        state = source.network.state_dict()
+        if theirs != names:
+            head = {k: state.pop(k) for k in [k for k in state if k.startswith("head.")]}
+            with torch.no_grad():
+                for mine, name in enumerate(names):
+                    if name in theirs:
+                        net.head.weight[mine] = head["head.weight"][theirs.index(name)]
+                        net.head.bias[mine] = head["head.bias"][theirs.index(name)]
+            state.update({k: v for k, v in net.state_dict().items() if k.startswith("head.")})
+        net.load_state_dict(state)
     if cfg["freeze_encoder"]:
         for p in net.encoder_parameters():
             p.requires_grad_(False)
