@@ -680,6 +680,8 @@ class LiverSegUNetTest(ScriptedLoadableModuleTest):
         """What Slicer's Reload and Test runs: the sample CT always; the 3D-IRCADb patient if present."""
         self.setUp()
         self.test_segment_sample_ct()
+        self.setUp()
+        self.test_structures_on_sample_ct()
         if self._patientFolder().is_dir() or os.environ.get("CI", "").lower() == "true":
             self.setUp()
             self.test_segment_real_patient()
@@ -739,6 +741,28 @@ class LiverSegUNetTest(ScriptedLoadableModuleTest):
         liverHu = ct[mask > 0]
         self.assertTrue(40 < np.median(liverHu) < 200, "contrast-enhanced liver tissue, not fat, air or bone")
         self.delayDisplay(f"Sample CT: liver {stats['volume_ml']:.1f} ml")
+
+    def test_structures_on_sample_ct(self):
+        """With the bundled multi-structure model: one coded segment per card structure, the liver first."""
+        from LiverSegUNetLib.weights import read_card
+
+        logic = LiverSegUNetLogic()
+        modelPath = logic.structuresModelPath()
+        if modelPath is None:
+            self.delayDisplay("No multi-structure model bundled: nothing to test")
+            return
+        structures = read_card(modelPath)["structures"]
+        volumeNode = logic.loadSampleVolume()
+        stats = logic.process(volumeNode, device="cpu", modelPath=modelPath)
+        segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode").GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), len(structures))
+        for entry in structures:
+            segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(entry["name"]))
+            self.assertIn("~{}^{}^{}~".format(*entry["type"]), segment.GetTerminology())
+            np.testing.assert_allclose(segment.GetColor(), np.array(entry["color"]) / 255.0, atol=1e-6)
+        self.assertEqual([row["name"] for row in stats["structures"]], [e["name"] for e in structures])
+        self.assertTrue(300 < stats["volume_ml"] < 1000, stats["volume_ml"])
+        self.delayDisplay(f"Sample CT, structures: {stats['structures']}")
 
     def test_segment_real_patient(self):
         from LiverSegUNetLib.io.ircadb import IrcadbPatient

@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x the compute)")
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here and a .md table beside it")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other models already in --output (same conditions only)"
+    )
     args = parser.parse_args(argv)
 
     conditions = args.conditions.split(",")
@@ -199,11 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         note = f"The model was trained on {', '.join(seen)}: those columns are not held out." if seen else ""
     t = time.perf_counter()
     results = score(models, data, conditions, args.device, flip_tta if args.tta else None)
+    command = "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.merge and args.output and args.output.exists():
+        earlier = json.loads(args.output.read_text())
+        if earlier["conditions"] != conditions:
+            parser.error(f"--merge: {args.output} has conditions {earlier['conditions']}, not {conditions}")
+        results = {**{k: v for k, v in earlier["results"].items() if k not in results}, **results}
+        command = f"{earlier['command']}` then `{command}"
     text = table(results, conditions, note)
     print(text)
     print(f"({time.perf_counter() - t:.0f} s)")
     if args.output:
-        command = "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
         args.output.write_text(json.dumps({"command": command, "conditions": conditions, "results": results}, indent=1))
         args.output.with_suffix(".md").write_text(f"Written by `{command}`.\n\n{text}")
     return 0
