@@ -261,3 +261,13 @@ def test_liver_only_mask_unchanged_by_the_structures_refactor(ircadb_root, tmp_p
     now = segment(read_volume(case), model, device="cpu")
     assert now.precision == precision and [s.name for s in now.structures] == [LIVER.name]
     assert hashlib.sha256(np.packbits(now.mask.array)).hexdigest() == digest
+
+
+def test_cli_prints_every_structure_of_a_model_without_a_liver(two_structure_card, tmp_path, capsys):
+    from LiverSegUNetLib.cli import main
+
+    assert main(["segment", "--sample", "--model", str(two_structure_card), "-o", str(tmp_path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("totalseg_example_ct: Organ A ") and "Lesion B " in out and "lesion" in out
+    summary = json.loads((tmp_path / "totalseg_example_ct.summary.json").read_text())
+    assert summary["liver_volume_ml"] is None and [r["name"] for r in summary["structures"]] == ["Organ A", "Lesion B"]

@@ -105,13 +105,18 @@ def _segment(args: argparse.Namespace) -> int:
     if single and rows[0]["status"] == "ok":
         summary = rows[0]["summary"]
         s = summary["seconds"]
+        found = (
+            f"liver {summary['liver_volume_ml']:.1f} ml"
+            if summary["liver_volume_ml"] is not None
+            else describe(summary["structures"])
+        )
         print(
-            f"{summary['case']}: liver {summary['liver_volume_ml']:.1f} ml in {summary['slices']} slices; "
+            f"{summary['case']}: {found} in {summary['slices']} slices; "
             f"{s['total']:.1f} s (read {s['read']:.1f}, model {s['inference']:.1f}, "
             f"post {s.get('postprocess', 0):.1f}, write {s['write']:.1f}; model load {load_s:.2f}) "
             f"on {summary['device']} {summary['precision']}"
         )
-        if len(summary["structures"]) > 1:
+        if len(summary["structures"]) > 1 and summary["liver_volume_ml"] is not None:
             print(f"  {describe(summary['structures'])}")
         for kind, name in summary["outputs"].items():
             print(f"  {kind:<9} {Path(args.output) / name}")

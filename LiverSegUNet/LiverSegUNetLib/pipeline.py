@@ -245,7 +245,7 @@ def segment_batch(
                 else:
                     summary = segment_file(path, out_dir, **options)
                     row.update(status="ok", liver_volume_ml=summary["liver_volume_ml"], summary=summary)
-                    if not summary["liver_found"]:
+                    if summary["liver_volume_ml"] is not None and not summary["liver_found"]:
                         row["reason"] = NO_LIVER
             except (KeyboardInterrupt, Cancelled):
                 row["reason"] = "interrupted"
