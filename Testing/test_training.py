@@ -373,6 +373,9 @@ def test_tumour_targets_are_the_lesion_masks_inside_the_liver(patient):
     raw = np.logical_or(p.mask("livertumor1").array, p.mask("livertumor2").array)
     assert tumours.sum() > 0 and not (tumours & ~liver).any()
     assert tumours.sum() == (raw & (liver > 0)).sum()
+    # patient 7's 'tumor' lies outside the liver: no liver tumour there (a target, empty), not specks at its border
+    (seven,) = targets(patient("3Dircadb1.7"), ["liver_tumours"])
+    assert seven is not None and seven.sum() == 0
 
 
 def test_final_stage_ships_only_the_structures_that_pass(tmp_path, monkeypatch):

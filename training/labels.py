@@ -1,7 +1,9 @@
 """Training targets from 3D-IRCADb masks: which expert masks make each structure of the catalogue.
 
-A structure's target is the union of its masks; liver tumours are every ``livertumorNN`` / ``tumor``
-mask, kept only inside the liver mask (a few are drawn a voxel beyond it). A patient without any of
+A structure's target is the union of its masks. A structure that lies inside another (liver tumours
+inside the liver) takes only the masks that lie mostly inside that one, cut to it: every
+``livertumorNN`` of patients 1 and 17 lies inside the liver, while patient 7's ``tumor`` lies
+outside it (0.03% of its voxels inside), so patient 7 has no liver tumour. A patient without any of
 a structure's masks has no target for it: training must not read that as "absent" (:func:`targets`
 says which exist).
 """
@@ -27,6 +29,10 @@ IRCADB_MASKS = {
 }
 
 
+#: Share of a mask that must lie inside the host structure for it to count as that structure's part.
+MOSTLY = 0.5
+
+
 def check_keys(keys: list[str]) -> None:
     """Refuse structure keys the catalogue or the 3D-IRCADb mapping does not know, and repeats."""
     unknown = [k for k in keys if k not in CATALOGUE or k not in IRCADB_MASKS]
@@ -50,11 +56,13 @@ def targets(patient, keys: list[str]) -> list[np.ndarray | None]:
         if not names:
             out.append(None)
             continue
-        target = np.logical_or.reduce([patient.mask(n).array > 0 for n in names])
+        masks = [patient.mask(n).array > 0 for n in names]
         if CATALOGUE[key].inside is not None:
-            host = next(k for k, s in CATALOGUE.items() if s.name == CATALOGUE[key].inside)
-            host_names = mask_names(patient.organs, host)
+            host_key = next(k for k, s in CATALOGUE.items() if s.name == CATALOGUE[key].inside)
+            host_names = mask_names(patient.organs, host_key)
             if host_names:
-                target &= np.logical_or.reduce([patient.mask(n).array > 0 for n in host_names])
+                host = np.logical_or.reduce([patient.mask(n).array > 0 for n in host_names])
+                masks = [m & host for m in masks if np.count_nonzero(m & host) >= MOSTLY * np.count_nonzero(m)]
+        target = np.logical_or.reduce(masks) if masks else np.zeros(patient.ct.shape, bool)
         out.append(target.astype(np.uint8))
     return out
