@@ -208,6 +208,31 @@ def structures_section(results: dict, patients: list[str], exp: str = "liver_mul
     return lines
 
 
+def experiment_row(exp: str, per: dict) -> str:
+    """The per-experiment table's row: mean ± sd of each metric over the held-out patients."""
+    cards = [v["card"] for v in per.values()]
+    row = [
+        exp,
+        cards[0]["organ"],
+        f"{statistics.mean(c['training_slices'] for c in cards):.0f}"
+        + (f" + {cards[0]['extra_2d_slices']} 2D" if cards[0].get("extra_2d_slices") else ""),
+        str(cards[0]["config"]["epochs"]),
+    ]
+    for key, _, fmt in METRICS:
+        row.append(_mean_sd([c["held_out_metrics"][p][key] for p, c in zip(per, cards)], fmt))
+    row.append(f"{statistics.mean(c['train_seconds'] for c in cards) / 60:.1f}")
+    return "| " + " | ".join(row) + " |"
+
+
+def patient_row(exp: str, per: dict, patients: list[str]) -> str:
+    """The per-patient table's row: Dice / ASSD / HD95 of each held-out patient."""
+    cells = []
+    for p in patients:
+        m = per.get(p, {}).get("card", {}).get("held_out_metrics", {}).get(p)
+        cells.append(f"{m['dice']:.3f} / {m['assd_mm']:.2f} / {m['hd95_mm']:.1f}" if m else "")
+    return f"| {exp} | " + " | ".join(cells) + " |"
+
+
 def write_report(runs: Path, out: Path) -> Path:
     """Write RESULTS.md and the plots into ``out``; returns the RESULTS.md path."""
     import torch
@@ -238,19 +263,7 @@ def write_report(runs: Path, out: Path) -> Path:
         "| experiment | organ | training slices | epochs | " + " | ".join(m[1] for m in METRICS) + " | minutes/run |",
         "|---|---|---|---|" + "---|" * len(METRICS) + "---|",
     ]
-    for exp, per in results.items():
-        cards = [v["card"] for v in per.values()]
-        row = [
-            exp,
-            cards[0]["organ"],
-            f"{statistics.mean(c['training_slices'] for c in cards):.0f}"
-            + (f" + {cards[0]['extra_2d_slices']} 2D" if cards[0].get("extra_2d_slices") else ""),
-            str(cards[0]["config"]["epochs"]),
-        ]
-        for key, _, fmt in METRICS:
-            row.append(_mean_sd([c["held_out_metrics"][p][key] for p, c in zip(per, cards)], fmt))
-        row.append(f"{statistics.mean(c['train_seconds'] for c in cards) / 60:.1f}")
-        lines.append("| " + " | ".join(row) + " |")
+    lines += [experiment_row(exp, per) for exp, per in results.items()]
     lines += [
         "",
         "## Per held-out patient (Dice / ASSD mm / HD95 mm)",
@@ -258,12 +271,7 @@ def write_report(runs: Path, out: Path) -> Path:
         "| experiment | " + " | ".join(patients) + " |",
         "|---|" + "---|" * len(patients),
     ]
-    for exp, per in results.items():
-        cells = []
-        for p in patients:
-            m = per.get(p, {}).get("card", {}).get("held_out_metrics", {}).get(p)
-            cells.append(f"{m['dice']:.3f} / {m['assd_mm']:.2f} / {m['hd95_mm']:.1f}" if m else "")
-        lines.append(f"| {exp} | " + " | ".join(cells) + " |")
+    lines += [patient_row(exp, per, patients) for exp, per in results.items()]
     lines += extra_data_section(results, patients)
     lines += structures_section(results, patients)
     robustness = out / "robustness.md"
@@ -300,13 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=ROOT / "training" / "runs" / "loo")
     parser.add_argument("--results", type=Path, default=ROOT / "training" / "results")
     parser.add_argument(
-        "--section", choices=["structures"], help="print only this section (from the runs there are) and write nothing"
+        "--section",
+        choices=["structures", "rows"],
+        help="print only the structures section, or the table rows of each experiment found; write nothing",
     )
     args = parser.parse_args(argv)
     if args.section:
         results = collect(args.runs)
         patients = sorted({p for v in results.values() for p in v}, key=lambda n: int(n.rsplit(".", 1)[-1]))
-        print("\n".join(structures_section(results, patients)))
+        if args.section == "rows":
+            print("\n".join([experiment_row(e, per) for e, per in results.items()]))
+            print("\n".join([patient_row(e, per, patients) for e, per in results.items()]))
+        else:
+            print("\n".join(structures_section(results, patients)))
         return 0
     write_report(args.runs, args.results)
     return 0
