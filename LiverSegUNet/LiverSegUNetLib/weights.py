@@ -47,7 +47,7 @@ def _behaviour_hash(card: dict) -> str:
 class LoadedModel:
     """A ready-to-run network with the card that describes it."""
 
-    network: object  # torch.nn.Module; typed loosely so importing this file stays cheap
+    network: object  # a torch.nn.Module (the UNet2D of the card)
     plan: Plan
     card: dict
     path: Path
