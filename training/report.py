@@ -154,7 +154,7 @@ def structures_section(results: dict, patients: list[str], exp: str = "liver_mul
         "",
         f"`{exp}`: one output channel per structure, trained on the 3D-IRCADb masks each patient has (a",
         "patient without a structure's mask adds no loss for it). Held-out Dice per structure after the",
-        "product's clean-up (card rules: largest component for liver and spleen, every component for",
+        "product's clean-up (card rules: largest component for liver and spleen, every component inside the body for",
         "vessels, kidneys, lungs, bone, tumours kept inside the liver); blank where the held-out patient",
         "has no mask; *none in the mask*: the mask exists and is empty there (left out of the mean). *Ships*",
         f"is yes when that mean Dice is at least {SHIP_DICE} (and, for lesions, more",

@@ -303,6 +303,11 @@ def predict_canonical(
             progress("postprocess", 1.0)
     t = time.perf_counter()
     masks = to_input_grid(prediction, crop, hu.shape)
+    keep_all = [i for i, s in enumerate(structures) if s.postprocess == "all"]
+    if postprocess and keep_all:  # structures of many pieces: every piece inside the body, none in the air
+        body = slicing.body_mask(hu)
+        for index in keep_all:
+            masks[index] &= body
     seconds["resample"] = time.perf_counter() - t
     return masks
 

@@ -39,6 +39,19 @@ def body_box(hu: np.ndarray, spacing_ij_mm: tuple[float, float]) -> tuple[slice,
     return slice(int(r0), int(r1)), slice(int(c0), int(c1))
 
 
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The patient's body in a canonical ``[k, j, i]`` HU array: the largest 3D region above ``BODY_HU``
+    (not the table, not a stray bright pixel in the air), holes filled slice by slice (so the lungs and
+    bowel gas inside count as body). Predictions outside it cannot be anatomy."""
+    import SimpleITK as sitk
+
+    from .postprocess import fill_holes_per_slice
+
+    above = sitk.GetImageFromArray((hu > BODY_HU).astype(np.uint8))
+    labels = sitk.RelabelComponent(sitk.ConnectedComponent(above, True))
+    return fill_holes_per_slice(sitk.GetArrayViewFromImage(labels) == 1).astype(bool)
+
+
 def probe_slices(n: int, stride: int) -> np.ndarray:
     """Every ``stride``-th slice index of ``n``, and the last one: the first pass that finds the liver's extent."""
     return np.unique(np.r_[np.arange(0, n, stride), n - 1])

@@ -14,7 +14,7 @@ from .errors import WeightsError
 
 #: How a structure's thresholded mask is cleaned up (``postprocess`` in a card):
 #: ``largest``: the largest 3D connected component, holes filled slice by slice (an organ);
-#: ``all``: every component kept (vessels, bone: made of many pieces);
+#: ``all``: every component inside the body outline (vessels, bone, paired organs: made of many pieces);
 #: ``inside:<Name>``: every component, restricted to the named structure's mask (tumours in the liver).
 POSTPROCESS = ("largest", "all", "inside:<Name>")
 
