@@ -271,3 +271,24 @@ def test_cli_prints_every_structure_of_a_model_without_a_liver(two_structure_car
     assert out.startswith("totalseg_example_ct: Organ A ") and "Lesion B " in out and "lesion" in out
     summary = json.loads((tmp_path / "totalseg_example_ct.summary.json").read_text())
     assert summary["liver_volume_ml"] is None and [r["name"] for r in summary["structures"]] == ["Organ A", "Lesion B"]
+
+
+def test_structures_of_many_pieces_stay_inside_the_body(sample_ct):
+    """The 'all' rule keeps every component, but none in the air around the patient or on the table."""
+    from LiverSegUNetLib import slicing
+    from LiverSegUNetLib.preprocess import Reorientation
+    from LiverSegUNetLib.weights import STRUCTURES_MODEL
+
+    reorient = Reorientation(sample_ct)
+    hu = reorient.forward(sample_ct.array)
+    body = slicing.body_mask(hu)
+    assert not body[:, 0, 0].any() and body[:, hu.shape[1] // 2, hu.shape[2] // 2].all()
+    gas = (hu < -500) & body  # bowel gas and lung bases inside the outline count as body
+    assert gas.any()
+    assert not body[hu > slicing.BODY_HU].all()  # the table is bright but not body
+    if not STRUCTURES_MODEL.is_file():
+        pytest.skip("no multi-structure model bundled")
+    result = segment(sample_ct, load_model(STRUCTURES_MODEL), device="cpu")
+    for structure, mask in zip(result.structures, result.masks):
+        if structure.postprocess == "all":
+            assert not (reorient.forward(mask.array).astype(bool) & ~body).any(), structure.name
