@@ -405,6 +405,8 @@ def test_final_stage_ships_only_the_structures_that_pass(tmp_path, monkeypatch):
     net = train.UNet2D(3, len(keys), base=4, depth=2)
     final = tmp_path / "runs" / "final" / "liver_multi"
     save_model(net, Plan(multiple=4), final / "model", model_id="m", structures=[CATALOGUE[k] for k in keys])
+    source = tmp_path / "runs" / "final" / "liver_robust"  # the recipe's starting model, finished already
+    save_model(train.UNet2D(3, 1, base=4, depth=2), Plan(multiple=4), source / "model", model_id="l")
     monkeypatch.setattr(weights, "STRUCTURES_MODEL", tmp_path / "structures.json")
     card = experiments.final_structures(data, runs, [])
     model = load_model(card)
