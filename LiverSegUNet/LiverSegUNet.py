@@ -28,7 +28,6 @@ from slicer.ScriptedLoadableModule import (
 #: ijk_to_ras = RAS_FROM_LPS @ ijk_to_lps (and back): the core works in LPS, Slicer in RAS.
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DEVICES = ("auto", "cpu", "cuda")
-LIVER_SEGMENT_ID = "Liver"
 #: Oldest PyTorch the core runs on (the package's own requirement is torch>=2.1,<3).
 TORCH_MINIMUM = (2, 1)
 #: Small packages the core imports besides torch and numpy (pydicom ships with Slicer; checked anyway);
@@ -625,9 +624,8 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
                     backups[segmentId] = slicer.vtkSegment()
                     backups[segmentId].DeepCopy(segmentation.GetSegment(segmentId))
                 else:
-                    wanted = LIVER_SEGMENT_ID if structure.name == LIVER_SEGMENT_ID else structure.name
                     segmentId = segmentation.AddEmptySegment(
-                        segmentation.GenerateUniqueSegmentID(wanted), structure.name, list(structure.color)
+                        segmentation.GenerateUniqueSegmentID(structure.name), structure.name, list(structure.color)
                     )
                     added.append(segmentId)
                 slicer.util.updateSegmentBinaryLabelmapFromArray(

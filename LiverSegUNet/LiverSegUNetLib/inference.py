@@ -20,6 +20,7 @@ import numpy as np
 
 from . import slicing
 from .errors import Cancelled, InputError
+from .measure import volume_ml
 from .preprocess import Reorientation, SliceGrid, from_model_grid, normalize, to_model_grid
 from .runtime import NetworkRuntime, Runtime
 from .terminology import Structure
@@ -54,11 +55,6 @@ class Segmentation:
     def volumes_ml(self) -> dict[str, float]:
         """Every structure's volume in millilitres, by name."""
         return {s.name: volume_ml(m) for s, m in zip(self.structures, self.masks)}
-
-
-def volume_ml(mask: Volume) -> float:
-    """The volume of a 0/1 mask in millilitres."""
-    return float(np.count_nonzero(mask.array)) * mask.voxel_volume_ml
 
 
 #: A CT in Hounsfield units has air (about -1000 HU) around or inside the body; this much is enough.

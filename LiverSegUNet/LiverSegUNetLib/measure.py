@@ -20,6 +20,11 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(labels.max())
 
 
+def volume_ml(mask: Volume) -> float:
+    """The volume of a 0/1 mask in millilitres."""
+    return float(np.count_nonzero(mask.array)) * mask.voxel_volume_ml
+
+
 def lesion_volumes_ml(mask: Volume) -> list[float]:
     """Volume of each separate lesion (26-connected component) in ml, largest first."""
     labels, count = components(np.asarray(mask.array) > 0)
@@ -31,7 +36,7 @@ def measurements(structures: list[Structure], masks: list[Volume]) -> list[dict]
     """One row per structure: name, label value (its value in the NIfTI label map), volume in ml, found;
     for lesion structures also the lesion count, each lesion's volume, and the burden (lesion volume over
     the volume of the structure they lie inside)."""
-    volumes = {s.name: float(np.count_nonzero(m.array)) * m.voxel_volume_ml for s, m in zip(structures, masks)}
+    volumes = {s.name: volume_ml(m) for s, m in zip(structures, masks)}
     rows = []
     for value, (structure, mask) in enumerate(zip(structures, masks), start=1):
         ml = volumes[structure.name]

@@ -21,6 +21,7 @@ from .measure import measurements
 from .outputs import atomic_write_bytes, write_all
 from .preview import preview_image, write_png
 from .system import machine
+from .terminology import LIVER
 from .volume import Volume
 
 Writer = Callable[[Path, Volume, Segmentation], None]
@@ -56,7 +57,7 @@ FORMATS = {
 
 NO_LIVER = "no liver found: is it an abdominal CT that covers the liver?"
 #: The structure whose volume the summary and batch table report as ``liver_volume_ml``.
-LIVER_NAME = "Liver"
+LIVER_NAME = LIVER.name
 
 
 def output_paths(
