@@ -8,7 +8,7 @@
     python -m training.report                      # only regenerate RESULTS.md and the plots
 
 Every patient folder found under <data>/3Dircadb1 is a fold: it is the test patient, the others
-train. Transfer runs start from the same fold's bone_pretrain model. Extra ``--set`` values are
+train. Transfer runs start from the same fold's bone model (STARTS_FROM says which). Extra ``--set`` values are
 passed to every run (e.g. ``--set epochs=2`` for a smoke test).
 """
 
@@ -38,12 +38,18 @@ EXPERIMENTS = [
     "liver_scratch_msd",
     "liver_robust",
     "liver_multi",
+    "bone_pretrain_final",
+    "liver_scratch_25_final",
+    "liver_transfer_25_final",
+    "liver_transfer_25_frozen_final",
 ]
 #: Experiments that start from another experiment's model of the same fold (``init_from``).
 STARTS_FROM = {
     "liver_transfer_25": "bone_pretrain",
     "liver_transfer_25_frozen": "bone_pretrain",
     "liver_multi": "liver_robust",
+    "liver_transfer_25_final": "bone_pretrain_final",
+    "liver_transfer_25_frozen_final": "bone_pretrain_final",
 }
 LIVER = [e for e in EXPERIMENTS if e.startswith("liver")]
 

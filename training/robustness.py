@@ -156,7 +156,7 @@ def loo_models(runs: Path, experiments: list[str], device: str) -> dict[str, lis
     found: dict[str, list] = {}
     for card in sorted(runs.glob("*/*/model.json")):
         experiment = card.parent.name
-        if (experiments and experiment not in experiments) or experiment == "bone_pretrain":
+        if (experiments and experiment not in experiments) or experiment.startswith("bone"):
             continue
         model = load_model(card, device=device)
         for patient in model.card["provenance"]["test_patients"]:
