@@ -48,20 +48,30 @@ def mask_names(organs: list[str], key: str) -> list[str]:
     return [o for o in organs if any(re.fullmatch(p, o) for p in IRCADB_MASKS[key])]
 
 
-def targets(patient, keys: list[str]) -> list[np.ndarray | None]:
-    """For each structure key, its uint8 0/1 target on the CT grid, or None when the patient has no mask for it."""
+def targets(patient, keys: list[str], known: dict[str, np.ndarray] | None = None) -> list[np.ndarray | None]:
+    """For each structure key, its uint8 0/1 target on the CT grid, or None when the patient has no mask for it.
+
+    Each expert mask is read once; ``known`` holds masks already read (``appearance.masks_of``), by name.
+    """
+    cache = dict(known or {})
+
+    def read(name: str) -> np.ndarray:
+        if name not in cache:
+            cache[name] = patient.mask(name).array
+        return cache[name] > 0
+
     out = []
     for key in keys:
         names = mask_names(patient.organs, key)
         if not names:
             out.append(None)
             continue
-        masks = [patient.mask(n).array > 0 for n in names]
+        masks = [read(n) for n in names]
         if CATALOGUE[key].inside is not None:
             host_key = next(k for k, s in CATALOGUE.items() if s.name == CATALOGUE[key].inside)
             host_names = mask_names(patient.organs, host_key)
             if host_names:
-                host = np.logical_or.reduce([patient.mask(n).array > 0 for n in host_names])
+                host = np.logical_or.reduce([read(n) for n in host_names])
                 masks = [m & host for m in masks if np.count_nonzero(m & host) >= MOSTLY * np.count_nonzero(m)]
         target = np.logical_or.reduce(masks) if masks else np.zeros(patient.ct.shape, bool)
         out.append(target.astype(np.uint8))

@@ -138,7 +138,7 @@ class PatientSlices:
         hu = torch.from_numpy(np.ascontiguousarray(reorient.forward(ct.array)))
         self.name = patient.name
         self.images = prepare_slices(hu, grid, plan).half()
-        found = labels.targets(patient, keys)
+        found = labels.targets(patient, keys, masks)  # the masks the unenhanced mapping read are not read again
         self.available = torch.tensor([t is not None for t in found])
         self.labels = torch.zeros((self.images.shape[0], len(keys), *self.images.shape[1:]), dtype=torch.half)
         for index, target in enumerate(found):
