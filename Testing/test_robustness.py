@@ -111,6 +111,54 @@ def test_training_samples_blend_the_unenhanced_slices_and_average_slabs(patient)
     assert 0 <= float(slab[-1].min()) and float(slab[-1].max()) <= 1
 
 
+def test_elastic_deformation_bends_image_and_mask_together(patient):
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    slices = train.PatientSlices(patient("3Dircadb1.1"), ["liver"], plan)
+    k = int(np.argmax(slices.labels[:, 0].float().sum(dim=(1, 2))))
+    both = slices.sample(k, 1)[None].repeat(4, 1, 1, 1)
+    x, y = both[:, :3], both[:, 3:]
+    still = {"rotate_deg": 0.0, "scale_min": 1.0, "scale_max": 1.0, "shift": 0.0, "reverse_context": 0.0}
+    still |= {"contrast": 0.0, "brightness": 0.0, "noise": 0.0, "elastic_points": 5}
+    same_x, same_y = train.augment(x.clone(), y.clone(), {**still, "elastic": 0.0}, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(same_y, y, atol=1e-4, rtol=0)  # no deformation: the identity
+    bent_x, bent_y = train.augment(x.clone(), y.clone(), {**still, "elastic": 0.05}, torch.Generator().manual_seed(0))
+    liver = y[0, 0] > 0.5
+    changed = [float(((bent_y[i, 0] > 0.5) ^ liver).float().sum() / liver.sum()) for i in range(4)]
+    assert all(0.02 < c < 0.6 for c in changed), changed  # the liver moves, but stays a liver-sized region
+    assert len({round(c, 4) for c in changed}) == 4  # each sample gets its own field
+    # the mask follows the image: a resampled image of the liver keeps its liver HU inside the bent mask
+    for i in range(4):
+        inside = bent_y[i, 0] > 0.9
+        ref = x[0, 1][liver].mean()
+        assert abs(float(bent_x[i, 1][inside].mean() - ref)) < 0.03
+    field = train.elastic_field(2, (192, 192), 0.05, 5, torch.Generator().manual_seed(1))
+    assert field.shape == (2, 192, 192, 2)
+    step = (field[:, 1:] - field[:, :-1]).abs().max()
+    assert float(step) < 0.05 * float(field.abs().max())  # smooth: neighbouring pixels move together
+
+
+def test_unenhanced_share_is_drawn_from_the_configured_range():
+    from training import train
+
+    class Sample:
+        available = torch.ones(1, dtype=torch.bool)
+
+        def sample(self, k, context, unenhanced=0.0, slab=1):
+            return torch.full((2 * context + 2, 4, 4), unenhanced)
+
+    from LiverSegUNetLib.preprocess import Plan
+
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    aug = {"unenhanced_p": 1.0, "unenhanced_min": 0.6, "thick_p": 0.0, "thick_slices": [2]}
+    x, _, _ = train.make_batch([Sample()], [(0, 0)] * 200, plan, 4, np.random.default_rng(0), aug)
+    shares = x[:, 0, 0, 0]
+    assert float(shares.min()) >= 0.6 and float(shares.max()) <= 1.0 and float(shares.std()) > 0.05
+
+
 def test_robustness_command_end_to_end(ircadb_root, tmp_path):
     """One patient, one condition, the bundled model: the command's JSON and table."""
     out = tmp_path / "robustness.json"

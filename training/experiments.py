@@ -38,6 +38,7 @@ EXPERIMENTS = [
     "liver_scratch_msd",
     "liver_robust",
     "liver_multi",
+    "liver_elastic",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",

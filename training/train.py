@@ -249,7 +249,7 @@ def make_batch(
     labels exist ``(B, S)`` (a structure without an expert mask in that sample's patient is not a target).
 
     Per sample, with probability ``aug["unenhanced_p"]`` the contrast is removed by a random share
-    (uniform 0..1), and with probability ``aug["thick_p"]`` the slices are averaged into slabs of
+    (uniform ``aug["unenhanced_min"]``..1), and with probability ``aug["thick_p"]`` the slices are averaged into slabs of
     one of ``aug["thick_slices"]`` slices. Where more than half the contrast was removed, the structures
     flagged in ``contrast_only`` (``(S,)`` bool) are no target for that sample.
     """
@@ -257,7 +257,11 @@ def make_batch(
     channels = 2 * plan.context + 1
     for p, k in batch:
         # drawn only when enabled, so a config without these augmentations sees the same random stream as before
-        unenhanced = float(rng.uniform()) if aug["unenhanced_p"] > 0 and rng.uniform() < aug["unenhanced_p"] else 0.0
+        unenhanced = (
+            float(rng.uniform(aug["unenhanced_min"], 1.0))
+            if aug["unenhanced_p"] > 0 and rng.uniform() < aug["unenhanced_p"]
+            else 0.0
+        )
         slab = int(rng.choice(aug["thick_slices"])) if aug["thick_p"] > 0 and rng.uniform() < aug["thick_p"] else 1
         both = crop_or_pad(train[p].sample(k, plan.context, unenhanced, slab), crop, rng)
         xs.append(both[:channels])
@@ -269,8 +273,18 @@ def make_batch(
     return torch.stack(xs).float(), torch.stack(ys).float(), torch.stack(available)
 
 
+def elastic_field(n: int, size, strength: float, points: int, gen: torch.Generator) -> torch.Tensor:
+    """``(n, H, W, 2)`` smooth random displacements for ``F.grid_sample`` (in its -1..1 coordinates):
+    independent normal offsets of standard deviation ``strength`` on a ``points`` x ``points`` lattice
+    over the crop, interpolated bicubically, so organs bend and bulge as they differ between patients
+    while neighbouring pixels move together (the U-Net paper's elastic deformation)."""
+    coarse = torch.randn((n, 2, points, points), generator=gen) * strength
+    return F.interpolate(coarse, size=tuple(size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+
+
 def augment(x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotation, scale, shift (same for image and label), then contrast, brightness and noise."""
+    """Random rotation, scale, shift and elastic deformation (same for image and label), then contrast,
+    brightness and noise."""
     n = x.shape[0]
 
     def uniform(lo, hi, shape=(n,)):
@@ -282,6 +296,8 @@ def augment(x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator) -
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if aug["elastic"] > 0:  # drawn only when enabled: configs without it keep their random stream
+        grid = grid + elastic_field(n, x.shape[-2:], aug["elastic"], aug["elastic_points"], gen)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     flip = torch.rand(n, generator=gen) < aug["reverse_context"]
