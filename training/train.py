@@ -249,8 +249,8 @@ def make_batch(
     labels exist ``(B, S)`` (a structure without an expert mask in that sample's patient is not a target).
 
     Per sample, with probability ``aug["unenhanced_p"]`` the contrast is removed by a random share
-    (uniform ``aug["unenhanced_min"]``..1), and with probability ``aug["thick_p"]`` the slices are averaged into slabs of
-    one of ``aug["thick_slices"]`` slices. Where more than half the contrast was removed, the structures
+    (uniform ``aug["unenhanced_min"]``..1), and with probability ``aug["thick_p"]`` the slices are averaged
+    into slabs of one of ``aug["thick_slices"]`` slices. Where more than half the contrast was removed, the structures
     flagged in ``contrast_only`` (``(S,)`` bool) are no target for that sample.
     """
     xs, ys, available = [], [], []
