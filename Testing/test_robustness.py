@@ -189,3 +189,35 @@ def test_robustness_command_end_to_end(ircadb_root, tmp_path):
     assert 0.8 < dice <= 1
     table = out.with_suffix(".md").read_text()
     assert "| thick_5mm |" in table and "not held out" in table
+
+
+def test_robustness_scores_fold_ensembles(ircadb_root, tmp_path):
+    """``--ensemble A+B`` builds each fold's ensemble; the bundled model twice scores as the model alone."""
+    import shutil
+
+    fold = tmp_path / "runs" / "3Dircadb1.17"
+    card = json.loads(DEFAULT_MODEL.read_text())
+    card["provenance"] = {**card["provenance"], "test_patients": ["3Dircadb1.17"]}
+    for experiment in ("a", "b"):
+        (fold / experiment).mkdir(parents=True)
+        shutil.copy(DEFAULT_MODEL.with_suffix(".safetensors"), fold / experiment / card["weights_file"])
+        (fold / experiment / "model.json").write_text(json.dumps(card))
+    out = tmp_path / "robustness.json"
+    common = ["--conditions", "thick_5mm", "--data", str(ircadb_root.parent)]
+    args = ["--runs", str(tmp_path / "runs"), "--experiments", "a", "--ensemble", "a+b", *common, "-o", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.robustness", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"a", "ensemble:a+b"}
+    single, pair = results["a"]["thick_5mm"]["3Dircadb1.17"], results["ensemble:a+b"]["thick_5mm"]["3Dircadb1.17"]
+    assert 0.8 < single and pair == pytest.approx(single, abs=0.002)
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.robustness", "--runs", str(tmp_path / "runs"), "--ensemble", "a+c", *common],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode != 0 and "no fold" in proc.stderr and "'c'" in proc.stderr

@@ -81,6 +81,26 @@ def test_bundled_model_is_complete(tmp_path):
         load_model(tmp_path / DEFAULT_MODEL.name)
 
 
+def test_bundled_accurate_model_is_an_ensemble_with_its_tables():
+    from LiverSegUNetLib.model import Ensemble
+    from LiverSegUNetLib.weights import ACCURATE_MODEL
+
+    card = json.loads(ACCURATE_MODEL.read_text())
+    assert "IRCAD" in card["license"] and "Decathlon" in card["license"] and "non-commercial" in card["license"]
+    prov = card["provenance"]
+    patients = {"3Dircadb1.1", "3Dircadb1.7", "3Dircadb1.17"}
+    assert set(prov["train_patients"]) == patients and prov["test_patients"] == []
+    assert len(prov["ensemble_of"]) == len(card["architecture"]["members"]) >= 2
+    assert all(set(m["train_patients"]) == patients for m in prov["ensemble_of"])
+    loo = prov["leave_one_out_metrics"]
+    assert set(loo) == patients and all(0 < m["dice"] <= 1 for m in loo.values())
+    assert {"native", "unenhanced", "thick_5mm"} <= set(prov["robustness_dice"])
+    assert {p: m["dice"] for p, m in loo.items()} == prov["robustness_dice"]["native"]
+    model = load_model(ACCURATE_MODEL)
+    assert isinstance(model.network, Ensemble) and [s.name for s in model.structures] == ["Liver"]
+    assert model.plan == load_model().plan  # same preprocessing as the default model
+
+
 def test_the_shipped_card_holds_its_tables_and_the_readme_shows_them():
     """The bundled model's card keeps the leave-one-out and robustness tables it was chosen on; the README matches."""
     import statistics
@@ -102,3 +122,68 @@ def test_the_shipped_card_holds_its_tables_and_the_readme_shows_them():
         cells = " | ".join(f"{per_patient[p]:.3f}" for p in patients)
         mean = statistics.mean(per_patient.values())
         assert f"| {condition} | {cells} | {mean:.3f} |" in readme, condition
+
+
+def _members(out_channels: int = 1) -> list[UNet2D]:
+    torch.manual_seed(1)
+    return [UNet2D(3, out_channels, base=4, depth=2).eval(), UNet2D(3, out_channels, base=8, depth=2).eval()]
+
+
+def test_an_ensemble_is_the_mean_of_its_members_and_round_trips(tmp_path):
+    from LiverSegUNetLib.model import Ensemble
+
+    members = _members()
+    card = save_model(Ensemble(members), Plan(multiple=4), tmp_path / "ens", model_id="test-ensemble", dtype="float32")
+    loaded = load_model(card)
+    assert isinstance(loaded.network, Ensemble) and len(loaded.network.members) == 2
+    architecture = loaded.card["architecture"]
+    assert architecture["name"] == "Ensemble" and [m["base"] for m in architecture["members"]] == [4, 8]
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = (members[0](x) + members[1](x)) / 2
+        torch.testing.assert_close(loaded.network(x), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(members[0](x), members[1](x), atol=1e-3)  # the mean differs from either member
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda a: a.update(members=a["members"][:1]), "two or more UNet2D members"),
+        (lambda a: a["members"][1].update(name="Ensemble"), "every Ensemble member must be a UNet2D"),
+        (lambda a: a["members"][1].update(out_channels=2), "agree on out_channels"),
+    ],
+)
+def test_a_malformed_ensemble_architecture_is_refused(edit, message):
+    from LiverSegUNetLib.model import Ensemble
+    from LiverSegUNetLib.weights import build_network
+
+    architecture = Ensemble(_members()).architecture()
+    edit(architecture)
+    with pytest.raises(WeightsError, match=message):
+        build_network(architecture)
+
+
+def test_export_makes_an_ensemble_of_the_chosen_structures(tmp_path):
+    from LiverSegUNetLib.model import Ensemble
+    from LiverSegUNetLib.terminology import CATALOGUE
+
+    from training.export import main as export
+
+    liver, bone = CATALOGUE["liver"], CATALOGUE["bone"]
+    multi, single = _members(2)[0], _members(1)[1]
+    a = save_model(multi, Plan(multiple=4), tmp_path / "a", model_id="multi", structures=[liver, bone], dtype="float32")
+    b = save_model(single, Plan(multiple=4), tmp_path / "b", model_id="single", dtype="float32")
+    out = tmp_path / "ens.json"
+    assert export([str(a), str(b), "--to", str(out), "--structures", "Liver"]) == 0
+    model = load_model(out)
+    assert isinstance(model.network, Ensemble) and [s.name for s in model.structures] == ["Liver"]
+    assert [m["model_id"] for m in model.card["provenance"]["ensemble_of"]] == ["multi", "single"]
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.network(x), (multi(x)[:, :1] + single(x)) / 2, atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit, match="structures"):  # without --structures the members' outputs differ
+        export([str(a), str(b), "--to", str(tmp_path / "bad.json")])
+    other = save_model(single, Plan(multiple=4, spacing_mm=2.0), tmp_path / "c", model_id="other", dtype="float32")
+    with pytest.raises(SystemExit, match="preprocessing"):
+        export([str(b), str(other), "--to", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()

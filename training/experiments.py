@@ -3,8 +3,9 @@
     python -m training.experiments                 # everything: LOO runs, final model, RESULTS.md + plots
     python -m training.experiments --stage loo     # only the leave-one-out runs (finished runs are skipped)
     python -m training.experiments --stage robustness   # score every fold model on the robustness conditions
-    python -m training.experiments --stage final   # retrain the best liver experiment and the multi-structure
-                                                   # recipe on all patients, bundle them
+    python -m training.experiments --stage final   # retrain the best liver experiment, the multi-structure
+                                                   # recipe and the accurate ensemble's members on all
+                                                   # patients, bundle them
     python -m training.report                      # only regenerate RESULTS.md and the plots
 
 Every patient folder found under <data>/3Dircadb1 is a fold: it is the test patient, the others
@@ -39,6 +40,7 @@ EXPERIMENTS = [
     "liver_robust",
     "liver_multi",
     "liver_elastic",
+    "liver_noncontrast",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
@@ -53,6 +55,8 @@ STARTS_FROM = {
     "liver_transfer_25_frozen_final": "bone_pretrain_final",
 }
 LIVER = [e for e in EXPERIMENTS if e.startswith("liver")]
+#: The accurate liver model: the ensemble of these recipes' liver outputs (``liverseg segment --accurate``).
+ACCURATE = ["liver_multi", "liver_robust", "liver_elastic"]
 
 
 def portable(value):
@@ -154,6 +158,7 @@ def best_liver_experiment(runs: Path, robustness: dict | None = None) -> tuple[s
 def run_robustness(data: Path, runs: Path, out: Path) -> dict:
     """Score every fold's liver model on the robustness conditions (training/robustness.py); returns the results."""
     cmd = [sys.executable, "-m", "training.robustness", "--runs", str(runs), "--data", str(data), "-o", str(out)]
+    cmd += ["--experiments", *LIVER, "--ensemble", "+".join(ACCURATE)]
     print("running:", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(out.read_text())["results"]
@@ -170,15 +175,7 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
     robustness = json.loads(robustness_file.read_text())["results"] if robustness_file.exists() else None
     best, loo_metrics = best_liver_experiment(runs, robustness)
     patients = find_patients(data)
-    everyone = [f"train_patients={json.dumps(patients)}", "test_patients=[]", "validate=false"]
-    out = runs.parent / "final" / best
-    sets = everyone + extra
-    if best in STARTS_FROM:
-        source = runs.parent / "final" / STARTS_FROM[best]
-        run(STARTS_FROM[best], source, data, everyone + extra)
-        sets.append(f'init_from="{portable(str(source / "model.json"))}"')
-    run(best, out, data, sets)
-    model = load_model(out / "model.json")
+    model = load_model(train_final(best, data, runs, extra))
     network, structures = model.network, model.structures
     if len(structures) > 1:  # a multi-structure recipe won on the liver: ship its liver channel, as fast as ever
         network, structures = keep_structures(model, [structures[0].name])
@@ -208,6 +205,51 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
     return card
 
 
+def train_final(recipe: str, data: Path, runs: Path, extra: list[str]) -> Path:
+    """``recipe`` trained on every patient (after the recipe it starts from, if any); its model card."""
+    patients = find_patients(data)
+    everyone = [f"train_patients={json.dumps(patients)}", "test_patients=[]", "validate=false", *extra]
+    sets = list(everyone)
+    if recipe in STARTS_FROM:
+        source = runs.parent / "final" / STARTS_FROM[recipe]
+        run(STARTS_FROM[recipe], source, data, everyone)
+        sets.append(f'init_from="{portable(str(source / "model.json"))}"')
+    out = runs.parent / "final" / recipe
+    run(recipe, out, data, sets)
+    return out / "model.json"
+
+
+def final_accurate(data: Path, runs: Path, extra: list[str], robustness_file: Path, members=ACCURATE) -> Path:
+    """The ensemble of ``members`` trained on every patient, installed as the accurate liver model; its card
+    keeps the fold ensembles' leave-one-out Dice and robustness table (``--stage robustness`` scores them)."""
+    from LiverSegUNetLib.weights import ACCURATE_MODEL, load_model, save_model
+
+    from training.export import ensemble_of, ensemble_provenance
+
+    models = [load_model(train_final(m, data, runs, extra)) for m in members]
+    network, structures = ensemble_of(models, [models[0].structures[0].name])
+    name = "ensemble:" + "+".join(members)
+    robustness = json.loads(robustness_file.read_text())["results"] if robustness_file.exists() else {}
+    table = robustness.get(name)
+    provenance = {
+        **ensemble_provenance(models),
+        "chosen_as": f"the mean of the liver logits of {', '.join(members)}, each trained on every patient",
+        **({"leave_one_out_metrics": {p: {"dice": d} for p, d in table["native"].items()}} if table else {}),
+        **({"robustness_dice": table} if table else {}),
+        "command": "python -m training.experiments --stage final",
+    }
+    card = save_model(
+        network,
+        models[0].plan,
+        ACCURATE_MODEL,
+        model_id="liver-unet2d-ensemble-" + "+".join(members) + "-all",
+        structures=structures,
+        provenance=provenance,
+    )
+    print(f"installed the ensemble of {members} as {portable(str(card))}", flush=True)
+    return card
+
+
 def final_structures(data: Path, runs: Path, extra: list[str], recipe: str = "liver_multi") -> Path | None:
     """Retrain the multi-structure recipe on every patient and install, as the structures model, the
     structures whose leave-one-out results are good enough (``report.ships``); None without fold runs."""
@@ -223,16 +265,8 @@ def final_structures(data: Path, runs: Path, extra: list[str], recipe: str = "li
     shipped = [k for k in CATALOGUE if k in scores and ships(scores[k])]
     if not shipped or shipped[0] != "liver":
         raise SystemExit(f"{recipe}: the liver does not pass its own bar ({scores.get('liver')}); nothing to ship")
-    patients = find_patients(data)
-    out = runs.parent / "final" / recipe
-    everyone = [f"train_patients={json.dumps(patients)}", "test_patients=[]", "validate=false", *extra]
-    sets = list(everyone)
-    if recipe in STARTS_FROM:
-        source = runs.parent / "final" / STARTS_FROM[recipe]
-        run(STARTS_FROM[recipe], source, data, everyone)
-        sets.append(f'init_from="{portable(str(source / "model.json"))}"')
-    run(recipe, out, data, sets)
-    model = load_model(out / "model.json")
+    card = train_final(recipe, data, runs, extra)
+    model = load_model(card)
     network, structures = keep_structures(model, [CATALOGUE[k].name for k in shipped])
     provenance = {
         **model.card["provenance"],
@@ -274,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("all", "final"):
         final(data, args.runs, args.set, robustness_file)
         final_structures(data, args.runs, args.set)
+        final_accurate(data, args.runs, args.set, robustness_file)
     if args.stage in ("all", "report"):
         from training.report import write_report
 

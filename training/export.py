@@ -8,6 +8,13 @@
 model behind ``liverseg segment --structures`` and the panel's checkbox), or a card path.
 ``--structures`` keeps only the named output structures (their network channels, in the given
 order), so a structure whose held-out results are not good enough is not shipped.
+
+Several cards make one ensemble model (``--to accurate``: the bundled accurate liver model): the
+mean of the networks' logits, each cut to ``--structures`` first. They must share the preprocessing
+and, after the cut, the structures:
+
+    python -m training.export training/runs/final/liver_multi/model.json \
+        training/runs/final/liver_robust/model.json --to accurate --structures Liver
 """
 
 from __future__ import annotations
@@ -42,28 +49,69 @@ def keep_structures(model: LoadedModel, names: list[str]) -> tuple[object, list]
     return network, [model.structures[i] for i in index]
 
 
+def ensemble_of(models: list[LoadedModel], names: list[str] | None = None) -> tuple[object, list]:
+    """One ``Ensemble`` network of ``models`` (each cut to the structures ``names`` first, if given) and
+    the structures they share; models with other preprocessing or other structures exit with the difference."""
+    from LiverSegUNetLib.model import Ensemble
+
+    networks, structures = [], None
+    for model in models:
+        network, mine = keep_structures(model, names) if names else (model.network, model.structures)
+        if model.plan != models[0].plan:
+            raise SystemExit(
+                f"{model.model_id}: preprocessing {model.plan.to_dict()} differs from "
+                f"{models[0].model_id}'s {models[0].plan.to_dict()}; an ensemble's members share one"
+            )
+        if structures is not None and [s.name for s in mine] != [s.name for s in structures]:
+            raise SystemExit(
+                f"{model.model_id}: structures {[s.name for s in mine]} differ from {[s.name for s in structures]}; "
+                "choose the shared ones with --structures"
+            )
+        networks.append(network)
+        structures = structures or mine
+    members = [m for n in networks for m in (n.members if isinstance(n, Ensemble) else [n])]
+    return Ensemble(members), structures
+
+
+def ensemble_provenance(models: list[LoadedModel]) -> dict:
+    """An ensemble card's provenance: each member's, and what the members were trained on together (the
+    patients, the extra slices: the licence follows from them)."""
+    members = [{"model_id": m.model_id, **m.card["provenance"]} for m in models]
+    return {
+        "ensemble_of": members,
+        "train_patients": sorted({p for m in members for p in m.get("train_patients", [])}),
+        "test_patients": sorted({p for m in members for p in m.get("test_patients", [])}),
+        "extra_2d_slices": max(int(m.get("extra_2d_slices", 0)) for m in members),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="model card (.json) written by training.train")
-    parser.add_argument("--to", default="liver", help="liver, structures, or a destination card path")
+    parser.add_argument("model", type=Path, nargs="+", help="model card(s) (.json) written by training.train")
+    parser.add_argument("--to", default="liver", help=f"{', '.join(BUNDLED)}, or a destination card path")
     parser.add_argument("--structures", default="", help="comma-separated structure names to keep (default: all)")
     args = parser.parse_args(argv)
     destination = BUNDLED.get(args.to, Path(args.to))
-    model = load_model(args.model)  # verifies the checksum before anything is copied
-    card = model.card
-    network, structures = model.network, model.structures
-    if args.structures:
-        network, structures = keep_structures(model, [n.strip() for n in args.structures.split(",") if n.strip()])
+    models = [load_model(path) for path in args.model]  # verifies the checksums before anything is written
+    names = [n.strip() for n in args.structures.split(",") if n.strip()]
+    card = models[0].card
+    if len(models) > 1:
+        network, structures = ensemble_of(models, names)
+        model_id = "ensemble-" + "+".join(m.model_id for m in models)
+        provenance = ensemble_provenance(models)
+    else:
+        network, structures = keep_structures(models[0], names) if names else (models[0].network, models[0].structures)
+        model_id, provenance = card["model_id"], card["provenance"]
     out = save_model(
         network,
-        model.plan,
+        models[0].plan,
         destination,
-        model_id=card["model_id"],
+        model_id=model_id,
         structures=structures,
-        provenance=card["provenance"],
+        provenance=provenance,
         dtype=card.get("weights_dtype", "float16"),
     )
-    print(f"installed {card['model_id']} ({', '.join(s.name for s in structures)}) as {out}")
+    print(f"installed {model_id} ({', '.join(s.name for s in structures)}) as {out}")
     return 0
 
 

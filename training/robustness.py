@@ -7,10 +7,13 @@ the project installed:
     python -m training.robustness --runs training/runs/loo --experiments liver_scratch_msd
     python -m training.robustness --model LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json   # any model card
     python -m training.robustness ... --conditions native,unenhanced -o training/results/robustness.json
+    python -m training.robustness --runs training/runs/loo --ensemble liver_multi+liver_robust
 
 With ``--runs``, each fold's model is scored on the patient it did not see (its card's
-``test_patients``); with ``--model``, on the patients given (default: all), which may include
-patients it was trained on (the table says so). Writes the JSON and a markdown table beside it.
+``test_patients``); ``--ensemble A+B`` scores instead, per fold, the ensemble of those experiments'
+fold models (the mean of their liver logits, as ``training.export --to accurate`` builds it). With
+``--model``, on the patients given (default: all), which may include patients it was trained on (the
+table says so). Writes the JSON and a markdown table beside it.
 """
 
 from __future__ import annotations
@@ -168,12 +171,49 @@ def loo_models(runs: Path, experiments: list[str], device: str) -> dict[str, lis
     return found
 
 
+def fold_ensembles(runs: Path, ensembles: list[str], device: str) -> dict[str, list[tuple[object, str]]]:
+    """Per ``A+B+...``, each fold's ensemble of those experiments' liver models, with the fold's test patient."""
+    from LiverSegUNetLib.weights import FORMAT, LoadedModel
+
+    from training.export import ensemble_of
+
+    found: dict[str, list] = {}
+    for spec in ensembles:
+        members = spec.split("+")
+        for fold in sorted(p for p in runs.iterdir() if p.is_dir()):
+            cards = [fold / m / "model.json" for m in members]
+            if not all(c.exists() for c in cards):
+                continue
+            models = [load_model(c, device=device) for c in cards]
+            network, structures = ensemble_of(models, [models[0].structures[0].name])
+            card = {
+                "format": FORMAT,
+                "model_id": f"ensemble:{spec}",
+                "architecture": network.architecture(),
+                "preprocessing": models[0].plan.to_dict(),
+                "structures": [s.to_card() for s in structures],
+                "provenance": models[0].card["provenance"],
+            }
+            model = LoadedModel(network.eval().to(device), models[0].plan, card, fold)
+            for patient in card["provenance"]["test_patients"]:
+                found.setdefault(f"ensemble:{spec}", []).append((model, patient))
+        if f"ensemble:{spec}" not in found:
+            raise SystemExit(f"--ensemble {spec}: no fold under {runs} has all of {members}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--runs", type=Path, help="leave-one-out runs folder (runs/<patient>/<experiment>/)")
     source.add_argument("--model", type=Path, help="a model card (.json) to score on --patients")
     parser.add_argument("--experiments", nargs="*", default=[], help="with --runs: only these experiments")
+    parser.add_argument(
+        "--ensemble",
+        nargs="*",
+        default=[],
+        help="with --runs: these fold ensembles, each as A+B[+C...] (and only the --experiments named beside them)",
+    )
     parser.add_argument("--patients", nargs="*", default=[], help="with --model: patient folder names (default: all)")
     parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated: {', '.join(CONDITIONS)}")
     parser.add_argument("--data", type=Path, default=None, help="folder holding 3Dircadb1/ (default: $LIVERSEG_DATA)")
@@ -191,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown condition(s) {sorted(unknown)}; choose from {', '.join(CONDITIONS)}")
     data = args.data or default_data_root()
     if args.runs:
-        models = loo_models(args.runs, args.experiments, args.device)
+        models = loo_models(args.runs, args.experiments, args.device) if args.experiments or not args.ensemble else {}
+        models |= fold_ensembles(args.runs, args.ensemble, args.device)
         note = "Each model is scored on the patient its fold held out."
     else:
         model = load_model(args.model, device=args.device)

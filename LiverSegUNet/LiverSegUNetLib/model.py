@@ -40,6 +40,16 @@ class UNet2D(nn.Module):
         self.decoder = nn.ModuleList([_block(2 * widths[d], widths[d]) for d in reversed(range(depth))])
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
+    def architecture(self) -> dict:
+        """The card's ``architecture`` entry that rebuilds this network."""
+        return {
+            "name": "UNet2D",
+            "in_channels": self.encoder[0][0].in_channels,
+            "out_channels": self.head.out_channels,
+            "base": self.encoder[0][0].out_channels,
+            "depth": self.depth,
+        }
+
     def encoder_parameters(self):
         """Parameters of the contracting path and bottleneck."""
         yield from self.encoder.parameters()
@@ -55,3 +65,29 @@ class UNet2D(nn.Module):
         for up, block, skip in zip(self.ups, self.decoder, reversed(skips)):
             x = block(torch.cat([up(x), skip], dim=1))
         return self.head(x)
+
+
+class Ensemble(nn.Module):
+    """Several networks with the same input and output channels run on the same slices; the output is the
+    mean of their logits. Networks trained differently make different mistakes, so the mean makes
+    fewer, for the network compute of all of them."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def architecture(self) -> dict:
+        """The card's ``architecture`` entry: the members' entries, and the channels they share."""
+        members = [m.architecture() for m in self.members]
+        return {
+            "name": "Ensemble",
+            "in_channels": members[0]["in_channels"],
+            "out_channels": members[0]["out_channels"],
+            "members": members,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.members[0](x)
+        for member in self.members[1:]:
+            out = out + member(x)
+        return out / len(self.members)

@@ -24,8 +24,10 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "liver_unet2d.json"
 #: The multi-structure model (liver, tumours, vessels, neighbouring organs), when one is bundled.
 STRUCTURES_MODEL = MODELS_DIR / "structures_unet2d.json"
+#: The accurate liver model (an ensemble: slower, fewer mistakes), when one is bundled.
+ACCURATE_MODEL = MODELS_DIR / "liver_accurate_unet2d.json"
 #: Bundled models by the name ``--to`` / the CLI use.
-BUNDLED = {"liver": DEFAULT_MODEL, "structures": STRUCTURES_MODEL}
+BUNDLED = {"liver": DEFAULT_MODEL, "structures": STRUCTURES_MODEL, "accurate": ACCURATE_MODEL}
 _BEHAVIOUR_KEYS = ("model_id", "architecture", "preprocessing", "structures")
 _BEHAVIOUR_KEYS_V1 = ("model_id", "architecture", "preprocessing", "label")
 
@@ -47,7 +49,7 @@ def _behaviour_hash(card: dict) -> str:
 class LoadedModel:
     """A ready-to-run network with the card that describes it."""
 
-    network: object  # a torch.nn.Module (the UNet2D of the card)
+    network: object  # a torch.nn.Module (the UNet2D or Ensemble of the card)
     plan: Plan
     card: dict
     path: Path
@@ -77,11 +79,23 @@ def card_structures(card: dict) -> list[Structure]:
 
 
 def build_network(architecture: dict):
-    """An untrained network of the described architecture."""
-    from .model import UNet2D
+    """An untrained network of the described architecture: a ``UNet2D``, or an ``Ensemble`` of them."""
+    from .model import Ensemble, UNet2D
 
-    if architecture.get("name") != "UNet2D":
-        raise WeightsError(f"unknown architecture {architecture.get('name')!r}; this version knows UNet2D")
+    name = architecture.get("name")
+    if name == "Ensemble":
+        members = architecture.get("members")
+        if not isinstance(members, list) or len(members) < 2:
+            raise WeightsError("an Ensemble architecture lists two or more UNet2D members under 'members'")
+        if any(not isinstance(m, dict) or m.get("name") != "UNet2D" for m in members):
+            raise WeightsError("every Ensemble member must be a UNet2D architecture")
+        for key in ("in_channels", "out_channels"):
+            found = {m.get(key) for m in members} | {architecture.get(key)}
+            if len(found) != 1:
+                raise WeightsError(f"Ensemble members and the ensemble must agree on {key} (found {sorted(found)})")
+        return Ensemble([build_network(m) for m in members])
+    if name != "UNet2D":
+        raise WeightsError(f"unknown architecture {name!r}; this version knows UNet2D and Ensemble")
     args = {k: v for k, v in architecture.items() if k != "name"}
     try:
         return UNet2D(**args)
@@ -105,13 +119,11 @@ def save_model(
     from safetensors.torch import save
 
     path = Path(path).with_suffix("")
-    architecture = {
-        "name": "UNet2D",
-        "in_channels": plan.in_channels,
-        "out_channels": network.head.out_channels,
-        "base": network.encoder[0][0].out_channels,
-        "depth": network.depth,
-    }
+    architecture = network.architecture()
+    if architecture["in_channels"] != plan.in_channels:
+        raise WeightsError(
+            f"the network takes {architecture['in_channels']} input channels, the plan gives {plan.in_channels}"
+        )
     card = {
         "format": FORMAT,
         "model_id": model_id,
