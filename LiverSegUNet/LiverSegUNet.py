@@ -91,7 +91,6 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.postprocessCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.structuresCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
-        self.ui.accurateCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.show3DButton.connect("clicked(bool)", self.onShow3DButton)
@@ -140,7 +139,6 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
             self.ui.deviceComboBox.setCurrentText(p.GetParameter("Device"))
             self.ui.postprocessCheckBox.setChecked(p.GetParameter("Postprocess") == "true")
             self.ui.structuresCheckBox.setChecked(p.GetParameter("Structures") == "true")
-            self.ui.accurateCheckBox.setChecked(p.GetParameter("Accurate") == "true")
         finally:
             self._updating = False
         self._updateButtons()
@@ -157,7 +155,6 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         p.SetParameter("Device", self.ui.deviceComboBox.currentText)
         p.SetParameter("Postprocess", "true" if self.ui.postprocessCheckBox.checked else "false")
         p.SetParameter("Structures", "true" if self.ui.structuresCheckBox.checked else "false")
-        p.SetParameter("Accurate", "true" if self.ui.accurateCheckBox.checked else "false")
         p.EndModify(wasModified)
         self._updateButtons()
 
@@ -176,9 +173,6 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         ):
             widget.enabled = not running
         self.ui.structuresCheckBox.enabled = not running and self.logic.structuresModelPath() is not None
-        self.ui.accurateCheckBox.enabled = (
-            not running and not self.ui.structuresCheckBox.checked and self.logic.accurateModelPath() is not None
-        )
 
     def onLoadSampleButton(self):
         with slicer.util.tryWithErrorDisplay(_("Could not load the sample CT."), waitCursor=True):
@@ -206,7 +200,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
                 p.GetNodeReference("OutputSegmentation"),  # None: created with the result
                 p.GetParameter("Device"),
                 p.GetParameter("Postprocess") == "true",
-                self.logic.modelPathFor(p),
+                self.logic.structuresModelPath() if p.GetParameter("Structures") == "true" else None,
             )
         self._monitor = JobMonitor(self.logic, job)
         self.ui.progressBar.value = 0
@@ -359,8 +353,6 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
             parameterNode.SetParameter("Postprocess", "true")
         if not parameterNode.GetParameter("Structures"):
             parameterNode.SetParameter("Structures", "false")
-        if not parameterNode.GetParameter("Accurate"):
-            parameterNode.SetParameter("Accurate", "false")
         if not parameterNode.GetNodeReference("InputVolume"):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -431,23 +423,6 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         from LiverSegUNetLib.weights import STRUCTURES_MODEL
 
         return STRUCTURES_MODEL if STRUCTURES_MODEL.is_file() else None
-
-    @staticmethod
-    def accurateModelPath():
-        """The bundled accurate liver model card (an ensemble), or None when this version bundles none."""
-        from LiverSegUNetLib.weights import ACCURATE_MODEL
-
-        return ACCURATE_MODEL if ACCURATE_MODEL.is_file() else None
-
-    def modelPathFor(self, parameterNode):
-        """The model card the parameters ask for: the structures model when Structures is on, else the
-        accurate liver model when Accurate is on, else None (the bundled liver model). A model that this
-        version does not bundle falls back to the liver model."""
-        if parameterNode.GetParameter("Structures") == "true" and self.structuresModelPath():
-            return self.structuresModelPath()
-        if parameterNode.GetParameter("Accurate") == "true" and self.accurateModelPath():
-            return self.accurateModelPath()
-        return None
 
     def model(self, device, modelPath=None):
         """A model on ``device`` (the bundled liver model, or the card at ``modelPath``), loaded and

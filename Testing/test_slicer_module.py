@@ -313,24 +313,3 @@ def test_load_sample_ct_gives_a_ct_volume_node_with_its_dicom_geometry(scene):
     assert node.GetSpacing() == pytest.approx(tuple(volume.spacing_mm))
     back = LiverSegUNetLogic.volumeFromNode(node)
     np.testing.assert_allclose(back.ijk_to_lps(), volume.ijk_to_lps(), atol=1e-6)
-
-
-def test_accurate_parameter_runs_the_bundled_ensemble(scene):
-    from LiverSegUNetLib.weights import ACCURATE_MODEL, STRUCTURES_MODEL, load_model
-
-    logic = LiverSegUNetLogic()
-    p = logic.getParameterNode()
-    logic.setDefaultParameters(p)
-    assert p.GetParameter("Accurate") == "false" and logic.modelPathFor(p) is None
-    p.SetParameter("Accurate", "true")
-    assert logic.modelPathFor(p) == ACCURATE_MODEL
-    p.SetParameter("Structures", "true")  # the structures model takes precedence (the panel disables Accurate)
-    assert logic.modelPathFor(p) == STRUCTURES_MODEL
-    node = logic.loadSampleVolume()
-    fast, accurate = logic.newSegmentationNode(node), logic.newSegmentationNode(node)
-    one = logic.process(node, fast, device="cpu")
-    stats = logic.process(node, accurate, device="cpu", modelPath=ACCURATE_MODEL)
-    assert accurate.GetSegmentation().GetNumberOfSegments() == 1
-    assert accurate.GetSegmentation().GetNthSegment(0).GetName() == LIVER
-    assert stats["model_id"] == load_model(ACCURATE_MODEL).model_id != one["model_id"]
-    assert stats["volume_ml"] == pytest.approx(one["volume_ml"], rel=0.1)

@@ -415,40 +415,6 @@ def test_final_stage_ships_only_the_structures_that_pass(tmp_path, monkeypatch):
     assert set(model.card["provenance"]["left_out"]) == {"liver_tumours", "bone"}
 
 
-def test_final_stage_installs_the_accurate_ensemble_with_its_tables(tmp_path, monkeypatch):
-    """The members trained on every patient (finished already here) become one ensemble card holding the fold
-    ensembles' leave-one-out Dice and robustness table."""
-    from LiverSegUNetLib import weights
-    from LiverSegUNetLib.model import Ensemble
-
-    from training import experiments
-
-    data = tmp_path / "data"
-    (data / "3Dircadb1" / "3Dircadb1.1" / "PATIENT_DICOM").mkdir(parents=True)
-    final = tmp_path / "runs" / "final"
-    keys = ["liver", "bone"]
-    torch.manual_seed(0)
-    multi = train.UNet2D(3, 2, base=4, depth=2)
-    save_model(multi, Plan(multiple=4), final / "a" / "model", model_id="a", structures=[CATALOGUE[k] for k in keys])
-    single = train.UNet2D(3, 1, base=4, depth=2)
-    save_model(single, Plan(multiple=4), final / "b" / "model", model_id="b")
-    table = {"native": {"3Dircadb1.1": 0.93}, "unenhanced": {"3Dircadb1.1": 0.9}}
-    robustness = tmp_path / "robustness.json"
-    robustness.write_text(json.dumps({"results": {"ensemble:a+b": table, "a": {}}}))
-    monkeypatch.setattr(weights, "ACCURATE_MODEL", tmp_path / "accurate.json")
-    card = experiments.final_accurate(data, tmp_path / "runs" / "loo", [], robustness, members=["a", "b"])
-    model = load_model(card)
-    assert isinstance(model.network, Ensemble) and [s.name for s in model.structures] == ["Liver"]
-    provenance = model.card["provenance"]
-    assert provenance["robustness_dice"] == table
-    assert provenance["leave_one_out_metrics"] == {"3Dircadb1.1": {"dice": 0.93}}
-    assert [m["model_id"] for m in provenance["ensemble_of"]] == ["a", "b"]
-    x = torch.rand(1, 3, 16, 16)
-    with torch.no_grad():
-        expected = (multi.eval()(x)[:, :1] + single.eval()(x)) / 2
-        torch.testing.assert_close(model.network(x), expected, atol=2e-2, rtol=2e-2)
-
-
 def test_contrast_only_structures_are_no_target_where_the_contrast_was_removed():
     train_set = [_Fake(40, 1)]
     for ps in train_set:

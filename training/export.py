@@ -9,12 +9,12 @@ model behind ``liverseg segment --structures`` and the panel's checkbox), or a c
 ``--structures`` keeps only the named output structures (their network channels, in the given
 order), so a structure whose held-out results are not good enough is not shipped.
 
-Several cards make one ensemble model (``--to accurate``: the bundled accurate liver model): the
-mean of the networks' logits, each cut to ``--structures`` first. They must share the preprocessing
-and, after the cut, the structures:
+Several cards make one ensemble model card (architecture ``Ensemble``: the mean of the networks'
+logits, each cut to ``--structures`` first), which ``liverseg segment --model`` and the robustness
+command run like any other. They must share the preprocessing and, after the cut, the structures:
 
     python -m training.export training/runs/final/liver_multi/model.json \
-        training/runs/final/liver_robust/model.json --to accurate --structures Liver
+        training/runs/final/liver_elastic/model.json --to ensemble.json --structures Liver
 """
 
 from __future__ import annotations

@@ -233,6 +233,12 @@ def patient_row(exp: str, per: dict, patients: list[str]) -> str:
     return f"| {exp} | " + " | ".join(cells) + " |"
 
 
+def command_lines(results: dict) -> list[str]:
+    """The training command of every run, each with its experiment and held-out patient."""
+    runs = [(exp, p, v) for exp, per in results.items() for p, v in per.items()]
+    return [f"{portable(v['card']['command'])}   # {exp}, held out {p}" for exp, p, v in runs]
+
+
 def write_report(runs: Path, out: Path) -> Path:
     """Write RESULTS.md and the plots into ``out``; returns the RESULTS.md path."""
     import torch
@@ -291,9 +297,7 @@ def write_report(runs: Path, out: Path) -> Path:
         "",
         "```",
     ]
-    for exp, per in results.items():
-        for p, v in per.items():
-            lines.append(f"{portable(v['card']['command'])}   # {exp}, held out {p}")
+    lines += command_lines(results)
     lines += ["```", ""]
     if NOTES.exists():
         lines += [NOTES.read_text().rstrip(), ""]
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--section",
         choices=["structures", "rows"],
-        help="print only the structures section, or the table rows of each experiment found; write nothing",
+        help="print only the structures section, or each experiment's table rows and commands; write nothing",
     )
     args = parser.parse_args(argv)
     if args.section:
@@ -319,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.section == "rows":
             print("\n".join([experiment_row(e, per) for e, per in results.items()]))
             print("\n".join([patient_row(e, per, patients) for e, per in results.items()]))
+            print("\n".join(command_lines(results)))
         else:
             print("\n".join(structures_section(results, patients)))
         return 0

@@ -11,7 +11,7 @@ the project installed:
 
 With ``--runs``, each fold's model is scored on the patient it did not see (its card's
 ``test_patients``); ``--ensemble A+B`` scores instead, per fold, the ensemble of those experiments'
-fold models (the mean of their liver logits, as ``training.export --to accurate`` builds it). With
+fold models (the mean of their liver logits, as ``training.export`` builds an ensemble card). With
 ``--model``, on the patients given (default: all), which may include patients it was trained on (the
 table says so). Writes the JSON and a markdown table beside it.
 """

@@ -50,7 +50,7 @@ def _segment(args: argparse.Namespace) -> int:
     from .measure import describe
     from .pipeline import segment_batch
     from .runtime import resolve_device
-    from .weights import ACCURATE_MODEL, STRUCTURES_MODEL, load_model
+    from .weights import STRUCTURES_MODEL, load_model
 
     if args.sample:
         from .sample import sample_ct_path
@@ -66,13 +66,6 @@ def _segment(args: argparse.Namespace) -> int:
                 "use --model CARD.json with one trained by training/ (configs/liver_multi.toml)"
             )
         args.model = STRUCTURES_MODEL
-    if args.accurate:
-        if not ACCURATE_MODEL.is_file():
-            raise InputError(
-                "--accurate: no accurate (ensemble) model is bundled with this version; use the default model, "
-                "or --model CARD.json with one built by python -m training.export ... --to accurate"
-            )
-        args.model = ACCURATE_MODEL
     t = time.perf_counter()
     model = load_model(args.model, device=device)
     load_s = time.perf_counter() - t
@@ -221,11 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--structures",
         action="store_true",
         help="the bundled multi-structure model: liver, tumours, vessels and neighbouring organs as segments",
-    )
-    which.add_argument(
-        "--accurate",
-        action="store_true",
-        help="the bundled accurate liver model: an ensemble of networks, fewer mistakes, about 3x the network time",
     )
     seg.add_argument("--batch-size", type=int, default=16, help="slices per network batch (default: 16)")
     seg.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")

@@ -31,9 +31,7 @@ PEERS = {
 ONNXRUNTIME = "ours_onnxruntime"
 #: Our pipeline with the multi-structure model (``--structures-model``, the bundled one by default).
 STRUCTURES = "ours_structures"
-#: Our pipeline with the bundled accurate liver model (an ensemble of networks).
-ACCURATE = "ours_accurate"
-METHODS = ["ours", ACCURATE, STRUCTURES, ONNXRUNTIME, "report_unet_fp32", *PEERS]
+METHODS = ["ours", STRUCTURES, ONNXRUNTIME, "report_unet_fp32", *PEERS]
 #: Internal method: our inference on the patient stacked ``stack`` times along k, to show memory scaling.
 STACKED = "ours_stacked"
 
@@ -174,15 +172,13 @@ def worker(
     from LiverSegUNetLib import inference, io, pipeline  # noqa: F401
 
     ready = time.time()
-    if method in ("ours", STACKED, ONNXRUNTIME, STRUCTURES, ACCURATE):
-        from LiverSegUNetLib.weights import ACCURATE_MODEL
-
+    if method in ("ours", STACKED, ONNXRUNTIME, STRUCTURES):
         out = _run_ours(
             patient_dir,
             stack if method == STACKED else 0,
             device,
             onnxruntime=method == ONNXRUNTIME,
-            model_path={STRUCTURES: structures_model, ACCURATE: ACCURATE_MODEL}.get(method),
+            model_path=structures_model if method == STRUCTURES else None,
         )
     elif method == "report_unet_fp32":
         out = _run_report_unet(patient_dir, baseline_slices)
