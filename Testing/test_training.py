@@ -338,6 +338,10 @@ def test_the_shipped_recipe_trades_a_little_native_dice_for_a_better_worst_condi
             json.dumps({"provenance": {"held_out_metrics": {patient: {"dice": value}}}})
         )
     assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_scratch_msd"
+    fold("liver_elastic", "p1", 0.99)  # one fold of two finished: not a candidate yet
+    assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_scratch_msd"
+    fold("liver_elastic", "p2", 0.95)
+    assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_elastic"
 
 
 def test_loss_ignores_structures_a_patient_has_no_mask_for():

@@ -116,14 +116,17 @@ NATIVE_TOLERANCE = 0.01
 
 
 def loo_scores(runs: Path) -> dict[str, dict]:
-    """Per liver experiment, its held-out metrics per patient from every finished fold."""
+    """Per liver experiment finished in every fold, its held-out metrics per patient (an experiment with a
+    fold still to run is left out: a mean over fewer patients is not comparable)."""
+    folds = [f for f in runs.iterdir() if f.is_dir()] if runs.is_dir() else []
     scores = {}
     for exp in LIVER:
-        per_patient = {}
-        for card in sorted(runs.glob(f"*/{exp}/model.json")):
-            per_patient.update(json.loads(card.read_text())["provenance"]["held_out_metrics"])
-        if per_patient:
-            scores[exp] = per_patient
+        cards = [f / exp / "model.json" for f in folds]
+        if not folds or not all(c.exists() for c in cards):
+            continue
+        scores[exp] = {}
+        for card in cards:
+            scores[exp].update(json.loads(card.read_text())["provenance"]["held_out_metrics"])
     return scores
 
 
