@@ -181,7 +181,7 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
     provenance = {
         **model.card["provenance"],
         "chosen_as": (
-            f"best mean leave-one-out Dice among {LIVER}"
+            f"best mean leave-one-out Dice among {list(loo_scores(runs))} (liver experiments finished in every fold)"
             + (
                 f"; among those within {NATIVE_TOLERANCE} of it, the best worst robustness condition"
                 if robustness
