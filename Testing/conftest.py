@@ -66,6 +66,15 @@ def patient(ircadb_root):
 
 
 @pytest.fixture(scope="session")
+def sample_ct():
+    """The bundled sample CT (openly licensed, present everywhere), read once."""
+    from LiverSegUNetLib.io import read_volume
+    from LiverSegUNetLib.sample import sample_ct_path
+
+    return read_volume(sample_ct_path())
+
+
+@pytest.fixture(scope="session")
 def bundled_model():
     """The bundled model, loaded once."""
     from LiverSegUNetLib.weights import load_model

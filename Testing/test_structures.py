@@ -42,11 +42,6 @@ LESION = Structure(
 
 
 @pytest.fixture(scope="module")
-def sample_ct():
-    return read_volume(sample_ct_path())
-
-
-@pytest.fixture(scope="module")
 def two_structure_card(tmp_path_factory, sample_ct):
     """A tiny random network with two outputs: 'Organ A' everywhere (bias), 'Lesion B' on the brightest
     fifth of its own random response (so it depends on the image and overlaps the organ)."""

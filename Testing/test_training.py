@@ -426,7 +426,7 @@ def test_contrast_only_structures_are_no_target_where_the_contrast_was_removed()
         ps.available = torch.ones(2, dtype=torch.bool)
     plan, batch = Plan(multiple=4), [(0, k) for k in range(40)]
     vessels = torch.tensor([False, True])
-    aug = {"unenhanced_p": 1.0, "thick_p": 0.0, "thick_slices": [2]}
+    aug = {"unenhanced_p": 1.0, "unenhanced_min": 0.0, "thick_p": 0.0, "thick_slices": [2]}
     _, _, available = train.make_batch(train_set, batch, plan, 8, np.random.default_rng(0), aug, vessels)
     assert available[:, 0].all()  # the liver stays a target
     assert 5 < int((~available[:, 1]).sum()) < 35  # vessels dropped where more than half was removed
