@@ -69,8 +69,8 @@ class UNet2D(nn.Module):
 
 class Ensemble(nn.Module):
     """Several networks with the same input and output channels run on the same slices; the output is the
-    mean of their logits. Networks trained differently make different mistakes, so the mean makes
-    fewer, for the network compute of all of them."""
+    mean of their logits, for the network compute of all of them. It helps where the members make
+    different mistakes (training/results/RESULTS.md measures how much it gave for the liver)."""
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()
