@@ -40,6 +40,7 @@ EXPERIMENTS = [
     "liver_multi",
     "liver_elastic",
     "liver_noncontrast",
+    "liver_elastic_seed1",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
