@@ -173,7 +173,7 @@ def loo_models(runs: Path, experiments: list[str], device: str) -> dict[str, lis
 
 def fold_ensembles(runs: Path, ensembles: list[str], device: str) -> dict[str, list[tuple[object, str]]]:
     """Per ``A+B+...``, each fold's ensemble of those experiments' liver models, with the fold's test patient."""
-    from LiverSegUNetLib.weights import FORMAT, LoadedModel
+    from LiverSegUNetLib.weights import LoadedModel, model_card
 
     from training.export import ensemble_of
 
@@ -186,14 +186,8 @@ def fold_ensembles(runs: Path, ensembles: list[str], device: str) -> dict[str, l
                 continue
             models = [load_model(c, device=device) for c in cards]
             network, structures = ensemble_of(models, [models[0].structures[0].name])
-            card = {
-                "format": FORMAT,
-                "model_id": f"ensemble:{spec}",
-                "architecture": network.architecture(),
-                "preprocessing": models[0].plan.to_dict(),
-                "structures": [s.to_card() for s in structures],
-                "provenance": models[0].card["provenance"],
-            }
+            card = model_card(network, models[0].plan, f"ensemble:{spec}", structures)
+            card["provenance"] = models[0].card["provenance"]
             model = LoadedModel(network.eval().to(device), models[0].plan, card, fold)
             for patient in card["provenance"]["test_patients"]:
                 found.setdefault(f"ensemble:{spec}", []).append((model, patient))

@@ -101,6 +101,25 @@ def build_network(architecture: dict):
         raise WeightsError(f"architecture parameters {args} do not fit UNet2D: {exc}") from exc
 
 
+def model_card(network, plan: Plan, model_id: str, structures: list[Structure]) -> dict:
+    """The card fields that decide what inference does, for ``network`` whose output channels are
+    ``structures`` in order; a network that does not fit the plan or the structures is refused."""
+    architecture = network.architecture()
+    if architecture["in_channels"] != plan.in_channels:
+        raise WeightsError(
+            f"the network takes {architecture['in_channels']} input channels, the plan gives {plan.in_channels}"
+        )
+    card = {
+        "format": FORMAT,
+        "model_id": model_id,
+        "architecture": architecture,
+        "preprocessing": plan.to_dict(),
+        "structures": [s.to_card() for s in structures],
+    }
+    card_structures(card)
+    return card
+
+
 def save_model(
     network,
     plan: Plan,
@@ -117,19 +136,7 @@ def save_model(
     from safetensors.torch import save
 
     path = Path(path).with_suffix("")
-    architecture = network.architecture()
-    if architecture["in_channels"] != plan.in_channels:
-        raise WeightsError(
-            f"the network takes {architecture['in_channels']} input channels, the plan gives {plan.in_channels}"
-        )
-    card = {
-        "format": FORMAT,
-        "model_id": model_id,
-        "architecture": architecture,
-        "preprocessing": plan.to_dict(),
-        "structures": [s.to_card() for s in structures],
-    }
-    card_structures(card)  # refuse a list that does not fit the network before writing anything
+    card = model_card(network, plan, model_id, structures)  # refused before anything is written
     state = {
         k: (v.to(getattr(torch, dtype)) if v.is_floating_point() else v).contiguous().cpu()
         for k, v in network.state_dict().items()
