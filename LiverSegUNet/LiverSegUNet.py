@@ -91,6 +91,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.postprocessCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.structuresCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.accurateCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.show3DButton.connect("clicked(bool)", self.onShow3DButton)
@@ -139,6 +140,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
             self.ui.deviceComboBox.setCurrentText(p.GetParameter("Device"))
             self.ui.postprocessCheckBox.setChecked(p.GetParameter("Postprocess") == "true")
             self.ui.structuresCheckBox.setChecked(p.GetParameter("Structures") == "true")
+            self.ui.accurateCheckBox.setChecked(p.GetParameter("Accurate") == "true")
         finally:
             self._updating = False
         self._updateButtons()
@@ -155,6 +157,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         p.SetParameter("Device", self.ui.deviceComboBox.currentText)
         p.SetParameter("Postprocess", "true" if self.ui.postprocessCheckBox.checked else "false")
         p.SetParameter("Structures", "true" if self.ui.structuresCheckBox.checked else "false")
+        p.SetParameter("Accurate", "true" if self.ui.accurateCheckBox.checked else "false")
         p.EndModify(wasModified)
         self._updateButtons()
 
@@ -173,6 +176,9 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
         ):
             widget.enabled = not running
         self.ui.structuresCheckBox.enabled = not running and self.logic.structuresModelPath() is not None
+        self.ui.accurateCheckBox.enabled = (
+            not running and not self.ui.structuresCheckBox.checked and self.logic.accurateModelPath() is not None
+        )
 
     def onLoadSampleButton(self):
         with slicer.util.tryWithErrorDisplay(_("Could not load the sample CT."), waitCursor=True):
@@ -200,7 +206,7 @@ class LiverSegUNetWidget(ScriptedLoadableModuleWidget):
                 p.GetNodeReference("OutputSegmentation"),  # None: created with the result
                 p.GetParameter("Device"),
                 p.GetParameter("Postprocess") == "true",
-                self.logic.structuresModelPath() if p.GetParameter("Structures") == "true" else None,
+                self.logic.modelPathFor(p),
             )
         self._monitor = JobMonitor(self.logic, job)
         self.ui.progressBar.value = 0
@@ -353,6 +359,8 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
             parameterNode.SetParameter("Postprocess", "true")
         if not parameterNode.GetParameter("Structures"):
             parameterNode.SetParameter("Structures", "false")
+        if not parameterNode.GetParameter("Accurate"):
+            parameterNode.SetParameter("Accurate", "false")
         if not parameterNode.GetNodeReference("InputVolume"):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -423,6 +431,23 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
         from LiverSegUNetLib.weights import STRUCTURES_MODEL
 
         return STRUCTURES_MODEL if STRUCTURES_MODEL.is_file() else None
+
+    @staticmethod
+    def accurateModelPath():
+        """The bundled accurate liver model card (an ensemble of networks), or None when this version bundles none."""
+        from LiverSegUNetLib.weights import ACCURATE_MODEL
+
+        return ACCURATE_MODEL if ACCURATE_MODEL.is_file() else None
+
+    def modelPathFor(self, parameterNode):
+        """The model card the parameters ask for: the multi-structure model when Structures is on, else the
+        accurate liver model when Accurate is on, else None (the bundled liver model). A model this version
+        does not bundle falls back to the liver model, as the panel disables its box."""
+        if parameterNode.GetParameter("Structures") == "true" and self.structuresModelPath():
+            return self.structuresModelPath()
+        if parameterNode.GetParameter("Accurate") == "true" and self.accurateModelPath():
+            return self.accurateModelPath()
+        return None
 
     def model(self, device, modelPath=None):
         """A model on ``device`` (the bundled liver model, or the card at ``modelPath``), loaded and
@@ -680,6 +705,8 @@ class LiverSegUNetTest(ScriptedLoadableModuleTest):
         self.test_segment_sample_ct()
         self.setUp()
         self.test_structures_on_sample_ct()
+        self.setUp()
+        self.test_accurate_on_sample_ct()
         if self._patientFolder().is_dir() or os.environ.get("CI", "").lower() == "true":
             self.setUp()
             self.test_segment_real_patient()
@@ -761,6 +788,22 @@ class LiverSegUNetTest(ScriptedLoadableModuleTest):
         self.assertEqual([row["name"] for row in stats["structures"]], [e["name"] for e in structures])
         self.assertTrue(300 < stats["volume_ml"] < 1000, stats["volume_ml"])
         self.delayDisplay(f"Sample CT, structures: {stats['structures']}")
+
+    def test_accurate_on_sample_ct(self):
+        """With the bundled accurate model (an ensemble): one liver segment, close to the default model's."""
+        logic = LiverSegUNetLogic()
+        modelPath = logic.accurateModelPath()
+        if modelPath is None:
+            self.delayDisplay("No accurate model bundled: nothing to test")
+            return
+        volumeNode = logic.loadSampleVolume()
+        default = logic.process(volumeNode, logic.newSegmentationNode(volumeNode), device="cpu")
+        segmentationNode = logic.newSegmentationNode(volumeNode)
+        stats = logic.process(volumeNode, segmentationNode, device="cpu", modelPath=modelPath)
+        self._assertLiverSegment(segmentationNode)
+        self.assertNotEqual(stats["model_id"], default["model_id"])
+        self.assertAlmostEqual(stats["volume_ml"], default["volume_ml"], delta=0.1 * default["volume_ml"])
+        self.delayDisplay(f"Sample CT, accurate model: liver {stats['volume_ml']:.1f} ml")
 
     def test_segment_real_patient(self):
         from LiverSegUNetLib.io.ircadb import IrcadbPatient

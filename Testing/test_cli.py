@@ -202,3 +202,24 @@ def test_a_ct_without_liver_is_reported_not_silent(tmp_path, capsys):
     assert main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "batch"), "-q"]) == 0
     rows = json.loads((tmp_path / "batch" / "batch_summary.json").read_text())
     assert all(r["status"] == "ok" and r["reason"].startswith("no liver found") for r in rows)
+
+
+def test_accurate_runs_the_bundled_ensemble_or_says_none_is_bundled(tmp_path, capsys, monkeypatch):
+    from LiverSegUNetLib import weights
+    from LiverSegUNetLib.model import Ensemble
+
+    assert weights.ACCURATE_MODEL.is_file(), f"this version bundles the accurate model {weights.ACCURATE_MODEL.name}"
+    assert isinstance(weights.load_model(weights.ACCURATE_MODEL).network, Ensemble)
+    assert main(["segment", "--sample", "--accurate", "-o", str(tmp_path / "acc"), "-q", "--no-preview"]) == 0
+    assert main(["segment", "--sample", "-o", str(tmp_path / "one"), "-q", "--no-preview"]) == 0
+    accurate = json.loads(next((tmp_path / "acc").glob("*.summary.json")).read_text())
+    default = json.loads(next((tmp_path / "one").glob("*.summary.json")).read_text())
+    assert accurate["model_id"] == json.loads(weights.ACCURATE_MODEL.read_text())["model_id"] != default["model_id"]
+    assert accurate["liver_volume_ml"] == pytest.approx(default["liver_volume_ml"], rel=0.1)
+    capsys.readouterr()
+    monkeypatch.setattr(weights, "ACCURATE_MODEL", tmp_path / "absent.json")
+    assert main(["segment", "--sample", "--accurate", "-o", str(tmp_path / "none")]) == 2
+    assert "--accurate: no accurate (ensemble) model is bundled" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit):  # one model at a time
+        main(["segment", "--sample", "--accurate", "--structures", "-o", str(tmp_path / "both")])

@@ -294,12 +294,14 @@ def test_reload_and_test_passes_without_the_3dircadb_data(monkeypatch, tmp_path)
     test = LiverSegUNet.LiverSegUNetTest()
     ran = []
     monkeypatch.setattr(test, "test_segment_sample_ct", lambda: ran.append("sample"))
+    monkeypatch.setattr(test, "test_structures_on_sample_ct", lambda: ran.append("structures"))
+    monkeypatch.setattr(test, "test_accurate_on_sample_ct", lambda: ran.append("accurate"))
     monkeypatch.setattr(test, "test_segment_real_patient", lambda: ran.append("patient"))
     test.runTest()
-    assert ran == ["sample"]
+    assert ran == ["sample", "structures", "accurate"]
     monkeypatch.setenv("CI", "true")
     test.runTest()
-    assert ran == ["sample", "sample", "patient"]  # under CI the patient test runs (and fails without data)
+    assert ran[3:] == ["sample", "structures", "accurate", "patient"]  # under CI the patient test runs too
 
 
 def test_load_sample_ct_gives_a_ct_volume_node_with_its_dicom_geometry(scene):
@@ -313,3 +315,21 @@ def test_load_sample_ct_gives_a_ct_volume_node_with_its_dicom_geometry(scene):
     assert node.GetSpacing() == pytest.approx(tuple(volume.spacing_mm))
     back = LiverSegUNetLogic.volumeFromNode(node)
     np.testing.assert_allclose(back.ijk_to_lps(), volume.ijk_to_lps(), atol=1e-6)
+
+
+def test_accurate_parameter_picks_the_bundled_ensemble(scene, monkeypatch, tmp_path):
+    """The Accurate parameter selects the accurate model (the self-test runs it on the sample CT); Structures
+    wins over it; a version without the accurate model falls back to the liver model."""
+    from LiverSegUNetLib import weights
+
+    logic = LiverSegUNetLogic()
+    p = logic.getParameterNode()
+    logic.setDefaultParameters(p)
+    assert p.GetParameter("Accurate") == "false" and logic.modelPathFor(p) is None
+    p.SetParameter("Accurate", "true")
+    assert logic.modelPathFor(p) == weights.ACCURATE_MODEL
+    p.SetParameter("Structures", "true")  # the panel disables Accurate while Structures is ticked
+    assert logic.modelPathFor(p) == weights.STRUCTURES_MODEL
+    p.SetParameter("Structures", "false")
+    monkeypatch.setattr(weights, "ACCURATE_MODEL", tmp_path / "absent.json")
+    assert logic.accurateModelPath() is None and logic.modelPathFor(p) is None

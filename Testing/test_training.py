@@ -422,6 +422,41 @@ def test_final_stage_ships_only_the_structures_that_pass(tmp_path, monkeypatch):
     assert set(model.card["provenance"]["left_out"]) == {"liver_tumours", "bone"}
 
 
+def test_final_stage_installs_the_accurate_ensemble_with_its_fold_tables(tmp_path, monkeypatch):
+    """The accurate model is the mean of the ACCURATE recipes' final networks; its card keeps the fold
+    ensembles' native Dice as leave-one-out metrics and their robustness table."""
+    from LiverSegUNetLib import weights
+    from LiverSegUNetLib.model import Ensemble
+
+    from training import experiments
+
+    data = tmp_path / "data"
+    (data / "3Dircadb1" / "3Dircadb1.1" / "PATIENT_DICOM").mkdir(parents=True)
+    nets = []
+    for seed, recipe in enumerate(experiments.ACCURATE):
+        torch.manual_seed(seed)
+        nets.append(train.UNet2D(3, 1, base=4, depth=2).eval())
+        final = tmp_path / "runs" / "final" / recipe  # finished already: the stage does not retrain it
+        save_model(nets[-1], Plan(multiple=4), final / "model", model_id=recipe, dtype="float32")
+    name = "ensemble:" + "+".join(experiments.ACCURATE)
+    table = {"native": {"3Dircadb1.1": 0.94, "3Dircadb1.7": 0.9}, "unenhanced": {"3Dircadb1.1": 0.88}}
+    robustness = tmp_path / "robustness.json"
+    robustness.write_text(json.dumps({"results": {name: table, "liver_elastic": {"native": {}}}}))
+    monkeypatch.setattr(weights, "ACCURATE_MODEL", tmp_path / "accurate.json")
+    card = experiments.final_accurate(data, tmp_path / "runs" / "loo", [], robustness)
+    assert card == tmp_path / "accurate.json"
+    model = load_model(card)
+    assert isinstance(model.network, Ensemble) and len(model.network.members) == len(experiments.ACCURATE)
+    provenance = model.card["provenance"]
+    assert provenance["robustness_dice"] == table
+    assert provenance["leave_one_out_metrics"] == {"3Dircadb1.1": {"dice": 0.94}, "3Dircadb1.7": {"dice": 0.9}}
+    assert [m["model_id"] for m in provenance["ensemble_of"]] == experiments.ACCURATE
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = torch.stack([n(x) for n in nets]).mean(0)
+        torch.testing.assert_close(model.network(x).float(), expected, rtol=1e-2, atol=1e-2)
+
+
 def test_contrast_only_structures_are_no_target_where_the_contrast_was_removed():
     train_set = [_Fake(40, 1)]
     for ps in train_set:

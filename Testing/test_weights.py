@@ -104,6 +104,30 @@ def test_the_shipped_card_holds_its_tables_and_the_readme_shows_them():
         assert f"| {condition} | {cells} | {mean:.3f} |" in readme, condition
 
 
+def test_the_accurate_card_holds_its_fold_ensemble_tables_and_the_readme_shows_them():
+    """The bundled accurate model is an ensemble whose card keeps the fold ensembles' robustness table and
+    their native Dice as leave-one-out metrics; the README's accurate-mode table matches it."""
+    import statistics
+
+    from LiverSegUNetLib.weights import ACCURATE_MODEL, DEFAULT_MODEL
+
+    card = json.loads(ACCURATE_MODEL.read_text())
+    assert card["architecture"]["name"] == "Ensemble" and len(card["architecture"]["members"]) >= 2
+    provenance = card["provenance"]
+    robustness, default = provenance["robustness_dice"], json.loads(DEFAULT_MODEL.read_text())["provenance"]
+    patients = sorted(robustness["native"], key=lambda p: int(p.rsplit(".", 1)[1]))
+    assert len(patients) == 3 and set(robustness) == set(default["robustness_dice"])
+    assert {p: m["dice"] for p, m in provenance["leave_one_out_metrics"].items()} == robustness["native"]
+    section = (ROOT / "README.md").read_text().split("### Accurate mode", 1)[1]
+    for condition, per_patient in robustness.items():
+        cells = " | ".join(f"{per_patient[p]:.3f}" for p in patients)
+        mine, theirs = (
+            statistics.mean(per_patient.values()),
+            statistics.mean(default["robustness_dice"][condition].values()),
+        )
+        assert f"| {condition} | {cells} | {mine:.3f} | {theirs:.3f} |" in section, condition
+
+
 def _members(out_channels: int = 1) -> list[UNet2D]:
     torch.manual_seed(1)
     return [UNet2D(3, out_channels, base=4, depth=2).eval(), UNet2D(3, out_channels, base=8, depth=2).eval()]

@@ -3,8 +3,9 @@
     python -m training.experiments                 # everything: LOO runs, final model, RESULTS.md + plots
     python -m training.experiments --stage loo     # only the leave-one-out runs (finished runs are skipped)
     python -m training.experiments --stage robustness   # score every fold model on the robustness conditions
-    python -m training.experiments --stage final   # retrain the best liver experiment and the multi-structure
-                                                   # recipe on all patients, bundle them
+    python -m training.experiments --stage final   # retrain the best liver experiment, the multi-structure
+                                                   # recipe and the accurate ensemble's members on all
+                                                   # patients, bundle them
     python -m training.report                      # only regenerate RESULTS.md and the plots
 
 Every patient folder found under <data>/3Dircadb1 is a fold: it is the test patient, the others
@@ -41,6 +42,8 @@ EXPERIMENTS = [
     "liver_elastic",
     "liver_noncontrast",
     "liver_elastic_seed1",
+    "liver_msd_half",
+    "liver_elastic_strong",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
@@ -57,6 +60,9 @@ STARTS_FROM = {
 #: Reruns of an experiment with another seed: reported (the run-to-run spread), never candidates to ship.
 REPLICATES = {"liver_elastic_seed1": "liver_elastic"}
 LIVER = [e for e in EXPERIMENTS if e.startswith("liver") and e not in REPLICATES]
+#: The accurate liver model (``liverseg segment --accurate``): the mean of these recipes' liver logits. The
+#: shipped recipe and its seed rerun: the fold ensembles of every pair of recipes tried, this one scored best.
+ACCURATE = ["liver_elastic", "liver_elastic_seed1"]
 
 
 def portable(value):
@@ -161,6 +167,7 @@ def best_liver_experiment(runs: Path, robustness: dict | None = None) -> tuple[s
 def run_robustness(data: Path, runs: Path, out: Path) -> dict:
     """Score every fold's liver model on the robustness conditions (training/robustness.py); returns the results."""
     cmd = [sys.executable, "-m", "training.robustness", "--runs", str(runs), "--data", str(data), "-o", str(out)]
+    cmd += ["--ensemble", "+".join(ACCURATE)]
     print("running:", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(out.read_text())["results"]
@@ -221,6 +228,37 @@ def train_final(recipe: str, data: Path, runs: Path, extra: list[str]) -> Path:
     return out / "model.json"
 
 
+def final_accurate(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Path:
+    """The ensemble of the ``ACCURATE`` recipes, each trained on every patient, installed as the accurate
+    liver model; its card keeps the fold ensembles' leave-one-out Dice and robustness table (``--stage
+    robustness`` scores them)."""
+    from LiverSegUNetLib.weights import ACCURATE_MODEL, load_model, save_model
+
+    from training.export import ensemble_of, ensemble_provenance
+
+    models = [load_model(train_final(m, data, runs, extra)) for m in ACCURATE]
+    network, structures = ensemble_of(models, [models[0].structures[0].name])
+    robustness = json.loads(robustness_file.read_text())["results"] if robustness_file.exists() else {}
+    table = robustness.get("ensemble:" + "+".join(ACCURATE))
+    provenance = {
+        **ensemble_provenance(models),
+        "chosen_as": f"the mean of the liver logits of {', '.join(ACCURATE)}, each trained on every patient",
+        **({"leave_one_out_metrics": {p: {"dice": d} for p, d in table["native"].items()}} if table else {}),
+        **({"robustness_dice": table} if table else {}),
+        "command": "python -m training.experiments --stage final",
+    }
+    card = save_model(
+        network,
+        models[0].plan,
+        ACCURATE_MODEL,
+        model_id="liver-unet2d-ensemble-" + "+".join(ACCURATE) + "-all",
+        structures=structures,
+        provenance=provenance,
+    )
+    print(f"installed the ensemble of {ACCURATE} as {portable(str(card))}", flush=True)
+    return card
+
+
 def final_structures(data: Path, runs: Path, extra: list[str], recipe: str = "liver_multi") -> Path | None:
     """Retrain the multi-structure recipe on every patient and install, as the structures model, the
     structures whose leave-one-out results are good enough (``report.ships``); None without fold runs."""
@@ -279,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("all", "final"):
         final(data, args.runs, args.set, robustness_file)
         final_structures(data, args.runs, args.set)
+        final_accurate(data, args.runs, args.set, robustness_file)
     if args.stage in ("all", "report"):
         from training.report import write_report
 

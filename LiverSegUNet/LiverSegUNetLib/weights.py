@@ -24,8 +24,10 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "liver_unet2d.json"
 #: The multi-structure model (liver, tumours, vessels, neighbouring organs), when one is bundled.
 STRUCTURES_MODEL = MODELS_DIR / "structures_unet2d.json"
+#: The accurate liver model (an ensemble of networks, slower), when one is bundled.
+ACCURATE_MODEL = MODELS_DIR / "liver_accurate_unet2d.json"
 #: Bundled models by the name ``--to`` / the CLI use.
-BUNDLED = {"liver": DEFAULT_MODEL, "structures": STRUCTURES_MODEL}
+BUNDLED = {"liver": DEFAULT_MODEL, "structures": STRUCTURES_MODEL, "accurate": ACCURATE_MODEL}
 _BEHAVIOUR_KEYS = ("model_id", "architecture", "preprocessing", "structures")
 _BEHAVIOUR_KEYS_V1 = ("model_id", "architecture", "preprocessing", "label")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from LiverSegUNetLib.errors import InputError
 from LiverSegUNetLib.io.ircadb import default_data_root
 from LiverSegUNetLib.outputs import atomic_write_bytes
-from LiverSegUNetLib.weights import STRUCTURES_MODEL
+from LiverSegUNetLib.weights import ACCURATE_MODEL, STRUCTURES_MODEL
 
 from training.bench import bench
 
@@ -35,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="3D-IRCADb patient folders (default: every patient under $LIVERSEG_DATA/3Dircadb1)",
     )
     methods = ", ".join(bench.METHODS)
-    default = [m for m in bench.METHODS if m != bench.STRUCTURES or STRUCTURES_MODEL.is_file()]
+    bundled = {bench.STRUCTURES: STRUCTURES_MODEL, bench.ACCURATE: ACCURATE_MODEL}
+    default = [m for m in bench.METHODS if m not in bundled or bundled[m].is_file()]
     parser.add_argument(
         "--methods",
         default=",".join(default),
-        help=f"comma-separated subset of: {methods} (default: all; {bench.STRUCTURES} only when bundled)",
+        help=f"comma-separated subset of: {methods} (default: all; {bench.STRUCTURES} and {bench.ACCURATE} "
+        "only when their model is bundled)",
     )
     parser.add_argument(
         "--structures-model",

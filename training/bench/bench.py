@@ -31,7 +31,9 @@ PEERS = {
 ONNXRUNTIME = "ours_onnxruntime"
 #: Our pipeline with the multi-structure model (``--structures-model``, the bundled one by default).
 STRUCTURES = "ours_structures"
-METHODS = ["ours", STRUCTURES, ONNXRUNTIME, "report_unet_fp32", *PEERS]
+#: Our pipeline with the bundled accurate liver model (an ensemble of networks).
+ACCURATE = "ours_accurate"
+METHODS = ["ours", ACCURATE, STRUCTURES, ONNXRUNTIME, "report_unet_fp32", *PEERS]
 #: Internal method: our inference on the patient stacked ``stack`` times along k, to show memory scaling.
 STACKED = "ours_stacked"
 
@@ -172,13 +174,15 @@ def worker(
     from LiverSegUNetLib import inference, io, pipeline  # noqa: F401
 
     ready = time.time()
-    if method in ("ours", STACKED, ONNXRUNTIME, STRUCTURES):
+    if method in ("ours", STACKED, ONNXRUNTIME, STRUCTURES, ACCURATE):
+        from LiverSegUNetLib.weights import ACCURATE_MODEL
+
         out = _run_ours(
             patient_dir,
             stack if method == STACKED else 0,
             device,
             onnxruntime=method == ONNXRUNTIME,
-            model_path=structures_model if method == STRUCTURES else None,
+            model_path={STRUCTURES: structures_model, ACCURATE: ACCURATE_MODEL}.get(method),
         )
     elif method == "report_unet_fp32":
         out = _run_report_unet(patient_dir, baseline_slices)
@@ -314,7 +318,7 @@ def run_bench(
     results: dict[str, dict[str, list[dict]]] = {}
     for patient in patients:
         for method in methods:
-            runs = repeats if method in ("ours", STRUCTURES) else 1
+            runs = repeats if method in ("ours", STRUCTURES, ACCURATE) else 1
             for i in range(runs):
                 progress(f"{patient.name}: {method} run {i + 1}/{runs}")
                 results.setdefault(patient.name, {}).setdefault(method, []).append(
