@@ -44,6 +44,7 @@ EXPERIMENTS = [
     "liver_elastic_seed1",
     "liver_msd_half",
     "liver_elastic_strong",
+    "liver_wide",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
@@ -59,6 +60,9 @@ STARTS_FROM = {
 }
 #: Reruns of an experiment with another seed: reported (the run-to-run spread), never candidates to ship.
 REPLICATES = {"liver_elastic_seed1": "liver_elastic"}
+#: Experiments sized for a GPU (python -m training.slot sweep, then slot score brings the fold models here):
+#: the LOO stage runs them only when named with --only; once their fold runs exist they compete as any other.
+GPU_SIZED = {"liver_wide"}
 LIVER = [e for e in EXPERIMENTS if e.startswith("liver") and e not in REPLICATES]
 #: The accurate liver model (``liverseg segment --accurate``): the mean of these recipes' liver logits. The
 #: shipped recipe and its seed rerun: the fold ensembles of every pair of recipes tried, this one scored best.
@@ -112,7 +116,7 @@ def loo(data: Path, runs: Path, extra: list[str], only: list[str]) -> None:
         train = [p for p in patients if p != test]
         split = [f"train_patients={json.dumps(train)}", f"test_patients={json.dumps([test])}"]
         for exp in EXPERIMENTS:
-            if only and exp not in only:
+            if (only and exp not in only) or (not only and exp in GPU_SIZED):
                 continue
             sets = split + extra
             if exp in STARTS_FROM:

@@ -42,7 +42,7 @@ from LiverSegUNetLib.terminology import CATALOGUE
 from LiverSegUNetLib.weights import LoadedModel, build_network, load_model, save_model
 from tqdm import tqdm
 
-from training import appearance, labels
+from training import appearance, labels, packed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -542,20 +542,30 @@ def main(argv: list[str] | None = None) -> int:
     unenhanced = cfg["augment"]["unenhanced_p"] > 0
     keys = structure_keys(cfg)
     contrast_only = torch.tensor([k in cfg["augment"]["contrast_only"] for k in keys])
-    train = [PatientSlices(IrcadbPatient(data_root / n), keys, plan, unenhanced) for n in cfg["train_patients"]]
-    test = [IrcadbPatient(data_root / n) for n in cfg["test_patients"]]
     leaked = set(cfg["train_patients"]) & set(cfg["test_patients"])
     if leaked:
         raise SystemExit(f"patients {sorted(leaked)} are both in training and test; refusing to run")
-    test_slices = [PatientSlices(p, keys[:1], plan) for p in test] if cfg["validate"] and rank == 0 else []
+    cache = Path(cfg["cache"]) if cfg["cache"] else None  # packed slices (training/packed.py) instead of the data
+    if cache is None:
+        patients = {n: IrcadbPatient(data_root / n) for n in cfg["train_patients"] + cfg["test_patients"]}
+        train = [PatientSlices(patients[n], keys, plan, unenhanced) for n in cfg["train_patients"]]
+        test = [patients[n] for n in cfg["test_patients"]]
+        test_slices = [PatientSlices(p, keys[:1], plan) for p in test] if cfg["validate"] and rank == 0 else []
+    else:  # no 3D evaluation: the original grids are not packed; the per-epoch validation on the model grid is
+        train = [packed.load(packed.path_for(cache, n), plan, keys, unenhanced) for n in cfg["train_patients"]]
+        test = []
+        validate_on = cfg["test_patients"] if cfg["validate"] and rank == 0 else []
+        test_slices = [packed.load(packed.path_for(cache, n), plan, keys[:1]) for n in validate_on]
     samples = training_samples(train, cfg["samples_fraction"], cfg["subset_seed"])
     extra = None
     per_batch = cfg["batch_size"]  # CT slices per batch; the rest of the batch comes from the extra slices
     if cfg["extra_2d"]:
         if keys[0] != "liver":
             raise SystemExit(f"extra_2d holds liver slices; the first structure is {keys[0]!r}")
-        extra = ExtraSlices(
-            (args.data or default_data_root()) / cfg["extra_2d"], plan, cfg["extra_2d_pixel_mm"], len(keys)
+        extra = (
+            ExtraSlices((args.data or default_data_root()) / cfg["extra_2d"], plan, cfg["extra_2d_pixel_mm"], len(keys))
+            if cache is None
+            else packed.load(packed.path_for(cache, cfg["extra_2d"]), plan, keys, True)
         )
         per_batch = max(1, cfg["batch_size"] - round(cfg["batch_size"] * cfg["extra_2d_share"]))
         train.append(extra)
