@@ -44,6 +44,7 @@ EXPERIMENTS = [
     "liver_elastic_seed1",
     "liver_msd_half",
     "liver_elastic_strong",
+    "liver_crop256",
     "liver_wide",
     "bone_pretrain_final",
     "liver_scratch_25_final",
