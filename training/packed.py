@@ -1,6 +1,6 @@
 """Training slices packed into one file per patient, for a machine that cannot read the source data.
 
-A GPU machine lent for a short time has PyTorch but neither pydicom nor SimpleITK, and only a small
+A GPU machine borrowed for a short time may have PyTorch but neither pydicom nor SimpleITK, and only a small
 working tree travels to it. ``pack`` builds exactly what ``training.train`` holds in memory for a
 patient (``PatientSlices``: the slices on the model grid, the per-structure labels, the contrast-free
 version) or for the msd_liver_2d slices (``ExtraSlices``) and stores it as 8-bit tensors in the

@@ -1,4 +1,4 @@
-"""Leave-one-out sweeps of several recipes in one command, sized for a GPU machine lent for minutes.
+"""Leave-one-out sweeps of several recipes in one command, sized for a GPU machine available for minutes.
 
     # here, with the data: pack what training reads (8-bit, compressed: about 5 MB a patient)
     python -m training.slot pack liver_elastic -o training/cache
@@ -104,7 +104,7 @@ def _train(config: str, patients: list[str], test: str, cache: Path, out: Path, 
 
 def sweep(cache: Path, configs: list[str], out: Path, sets: list[str], jobs: int, keep: int = 3) -> dict:
     """Every config on every fold, ``jobs`` runs at a time; the ranking, the tables and, for the ``keep``
-    best configs, one tar of their fold models each (a lent machine returns few files)."""
+    best configs, one tar of their fold models each (what comes back from a remote machine stays small)."""
     patients = packed_patients(cache)
     for config in configs:
         _config(config, sets)  # an unknown config or key stops here, before any run
