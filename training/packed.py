@@ -46,6 +46,18 @@ def read_metadata(raw: bytes) -> dict:
     return json.loads(raw[8 : 8 + size]).get("__metadata__", {})
 
 
+def metadata_of(path: Path) -> dict:
+    """A packed file's metadata, decompressing only its header."""
+    stream = zlib.decompressobj()
+    try:
+        data = Path(path).read_bytes()
+        head = stream.decompress(data, 8)
+        (size,) = struct.unpack("<Q", head)
+        return read_metadata(head + stream.decompress(stream.unconsumed_tail, size))
+    except (zlib.error, struct.error, ValueError) as exc:
+        raise SystemExit(f"{path}: not a packed-slices file ({exc})") from exc
+
+
 def _read(path: Path) -> bytes:
     try:
         return zlib.decompress(Path(path).read_bytes())

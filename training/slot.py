@@ -69,7 +69,7 @@ def packed_patients(cache: Path) -> list[str]:
     """The patients packed in ``cache`` (not the extra 2D slices), in patient-number order."""
     names = []
     for path in sorted(cache.glob(f"*{packed.SUFFIX}")):
-        meta = packed.read_metadata(packed._read(path))
+        meta = packed.metadata_of(path)
         if meta.get("format") == packed.FORMAT and meta.get("kind") == "PatientSlices":
             names.append(meta["name"])
     if not names:
