@@ -33,6 +33,15 @@ from pathlib import Path
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
 
 from training import packed
+from training.train import (  # _relative: the runs start in the repository; cards keep no machine paths
+    ExtraSlices,
+    PatientSlices,
+    _relative,
+    evaluate,
+    load_config,
+    plan_of,
+    structure_keys,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "training" / "configs"
@@ -41,15 +50,12 @@ FOLD_FILES = ("model.json", "model.safetensors", "history.json", "train.log")
 
 
 def _config(name: str, sets: list[str]) -> dict:
-    from training.train import load_config
-
     return load_config(CONFIGS / f"{name}.toml", sets)
 
 
 def pack(config: str, data: Path, out: Path, sets: list[str]) -> list[Path]:
     """Every patient under ``data`` (and the config's extra 2D slices) as the config's run would hold them."""
     from training.experiments import find_patients
-    from training.train import ExtraSlices, PatientSlices, plan_of, structure_keys
 
     cfg = _config(config, sets)
     plan, keys, unenhanced = plan_of(cfg), structure_keys(cfg), cfg["augment"]["unenhanced_p"] > 0
@@ -75,12 +81,6 @@ def packed_patients(cache: Path) -> list[str]:
     if not names:
         raise SystemExit(f"no packed patients in {cache}; run python -m training.slot pack first")
     return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in n.replace(".", " ").split()])
-
-
-def _relative(path: Path) -> str:
-    """``path`` relative to the repository when inside it (the runs start there; cards keep no machine paths)."""
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _train(config: str, patients: list[str], test: str, cache: Path, out: Path, sets: list[str], threads: int) -> dict:
@@ -155,8 +155,6 @@ def sweep(cache: Path, configs: list[str], out: Path, sets: list[str], jobs: int
 def score(archive: Path, runs: Path, data: Path, device: str = "cpu") -> list[Path]:
     """Unpack a sweep's tar under ``runs`` and write each fold card's 3D held-out metrics into it."""
     from LiverSegUNetLib.weights import load_model
-
-    from training.train import evaluate
 
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
