@@ -221,3 +221,32 @@ def test_robustness_scores_fold_ensembles(ircadb_root, tmp_path):
         timeout=600,
     )
     assert proc.returncode != 0 and "no fold" in proc.stderr and "'c'" in proc.stderr
+
+
+def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
+    """``--thresholds`` scores the model once per threshold (``id@t``); a wider threshold gives another mask,
+    and a threshold outside 0..1 is refused before anything runs."""
+    out = tmp_path / "robustness.json"
+    common = ["--model", str(DEFAULT_MODEL), "--patients", "3Dircadb1.17", "--conditions", "native"]
+    common += ["--data", str(ircadb_root.parent)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.robustness", *common, "--thresholds", "0.02,0.5", "-o", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    model_id = json.loads(DEFAULT_MODEL.read_text())["model_id"]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {f"{model_id}@0.02", f"{model_id}@0.5"}
+    low, card = (results[f"{model_id}@{t}"]["native"]["3Dircadb1.17"] for t in ("0.02", "0.5"))
+    assert 0.85 < card <= 1 and low < card - 0.005  # almost every doubtful pixel kept: more false positives
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.robustness", *common, "--thresholds", "0.5,1.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "strictly between 0 and 1" in proc.stderr

@@ -8,17 +8,20 @@ the project installed:
     python -m training.robustness --model LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json   # any model card
     python -m training.robustness ... --conditions native,unenhanced -o training/results/robustness.json
     python -m training.robustness --runs training/runs/loo --ensemble liver_multi+liver_robust
+    python -m training.robustness --runs training/runs/loo --experiments liver_elastic --thresholds 0.4,0.5
 
 With ``--runs``, each fold's model is scored on the patient it did not see (its card's
 ``test_patients``); ``--ensemble A+B`` scores instead, per fold, the ensemble of those experiments'
 fold models (the mean of their liver logits, as ``training.export`` builds an ensemble card). With
 ``--model``, on the patients given (default: all), which may include patients it was trained on (the
-table says so). Writes the JSON and a markdown table beside it.
+table says so). ``--thresholds`` scores every model at each of those probability thresholds instead of
+its card's (named ``model@threshold``). Writes the JSON and a markdown table beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -196,6 +199,15 @@ def fold_ensembles(runs: Path, ensembles: list[str], device: str) -> dict[str, l
     return found
 
 
+def at_thresholds(models: dict[str, list[tuple[object, str]]], thresholds: list[float]) -> dict:
+    """Each model once per threshold, named ``name@threshold``: the card's plan with that threshold."""
+    return {
+        f"{name}@{t:g}": [(dataclasses.replace(m, plan=dataclasses.replace(m.plan, threshold=t)), p) for m, p in pairs]
+        for name, pairs in models.items()
+        for t in thresholds
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -213,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="folder holding 3Dircadb1/ (default: $LIVERSEG_DATA)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x the compute)")
+    parser.add_argument(
+        "--thresholds", default="", help="comma-separated probability thresholds (0..1) to score instead of the card's"
+    )
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here and a .md table beside it")
     parser.add_argument(
         "--merge", action="store_true", help="keep the other models already in --output (same conditions only)"
@@ -223,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
         parser.error(f"unknown condition(s) {sorted(unknown)}; choose from {', '.join(CONDITIONS)}")
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--thresholds {args.thresholds!r}: give numbers between 0 and 1, e.g. 0.4,0.5")
+    if any(not 0 < t < 1 for t in thresholds):
+        parser.error(f"--thresholds {args.thresholds!r}: every threshold must lie strictly between 0 and 1")
     data = args.data or default_data_root()
     if args.runs:
         models = loo_models(args.runs, args.experiments, args.device) if args.experiments or not args.ensemble else {}
@@ -235,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         models = {model.model_id: [(model, p) for p in patients]}
         seen = sorted(trained_on & set(patients))
         note = f"The model was trained on {', '.join(seen)}: those columns are not held out." if seen else ""
+    if thresholds:
+        models = at_thresholds(models, thresholds)
     t = time.perf_counter()
     results = score(models, data, conditions, args.device, flip_tta if args.tta else None)
     command = "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
