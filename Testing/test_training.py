@@ -309,9 +309,24 @@ def test_a_typo_or_a_wrong_type_in_the_config_is_refused(override, message):
     assert cfg["epochs"] == 5 and cfg["lr"] == 1 and cfg["plan"]["spacing_mm"] == 2
 
 
-def test_every_experiment_config_is_valid():
+def test_every_experiment_config_is_valid_and_run_by_the_experiments():
+    from training import experiments
+
     for path in CONFIGS.glob("*.toml"):
         train.load_config(path)
+    names = {p.stem for p in CONFIGS.glob("*.toml")} - {"common"}
+    assert names == set(experiments.EXPERIMENTS), "a config the experiments never run, or one without a file"
+
+
+def test_the_report_question_is_asked_again_at_the_shipped_recipe():
+    """The *_final transfer configs train with the shipped model's recipe: its window, augmentations and
+    extra slices (the bone source without the liver-only slices), only the organ, subset and start differ."""
+    shipped = json.loads((ROOT / "LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json").read_text())
+    recipe = shipped["provenance"]["config"]
+    for name in ("bone_pretrain_final", "liver_scratch_25_final", "liver_transfer_25_final"):
+        cfg = train.load_config(CONFIGS / f"{name}.toml")
+        assert cfg["plan"] == recipe["plan"] and cfg["augment"] == recipe["augment"], name
+    assert train.load_config(CONFIGS / "liver_scratch_25_final.toml")["extra_2d"] == recipe["extra_2d"]
 
 
 def test_the_shipped_recipe_trades_a_little_native_dice_for_a_better_worst_condition(tmp_path):

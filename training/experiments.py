@@ -45,6 +45,8 @@ EXPERIMENTS = [
     "liver_msd_half",
     "liver_elastic_strong",
     "liver_crop256",
+    "liver_msd_elastic",
+    "liver_context2",
     "liver_wide",
     "bone_pretrain_final",
     "liver_scratch_25_final",
