@@ -81,6 +81,34 @@ def test_unenhanced_moves_enhanced_organs_and_leaves_air_fat_and_bone(patient):
     assert 0.5 * ct[masks["liver"] > 0].std() < noise  # the noise added back keeps the texture
 
 
+def test_varied_unenhanced_versions_span_fatty_to_normal_livers(patient):
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    rng = np.random.default_rng(3)
+    drawn = [appearance.varied_mapping(rng) for _ in range(200)]
+    livers = np.array([m["targets"]["liver"] for m in drawn])
+    assert 35 <= livers.min() < 40 and 60 < livers.max() <= 65  # fatty to normal
+    assert any(m["targets"]["liver"] < m["targets"]["spleen"] for m in drawn)  # a fatty liver is darker
+    assert all(0.45 <= m["contrast"] <= 0.75 and 0.15 <= m["pull"] <= 0.45 for m in drawn)
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    slices = train.PatientSlices(patient("3Dircadb1.17"), ["liver"], plan, unenhanced=True, varied=3)
+    liver = slices.labels[:, 0] > 0.5
+    versions = [slices.unenhanced, *slices.unenhanced_varied]
+    medians = [float(v[liver].float().median()) * 255 for v in versions]
+    assert len(medians) == 4 and medians[0] == pytest.approx(55, abs=3)  # the fixed mapping comes first
+    assert all(33 <= m <= 67 for m in medians) and max(medians) - min(medians) > 3
+    k = int(np.argmax(liver.sum(dim=(1, 2))))
+    for version, median in enumerate(medians):
+        x = slices.sample(k, 1, unenhanced=1.0, version=version)
+        assert float(x[1][x[-1] > 0.5].median()) * 255 == pytest.approx(median, abs=6)
+    aug = {"unenhanced_p": 1.0, "unenhanced_min": 1.0, "thick_p": 0.0, "thick_slices": [2], "unenhanced_varied": 3}
+    xs, ys, _ = train.make_batch([slices], [(0, k)] * 24, plan, 512, np.random.default_rng(0), aug)
+    seen = {round(float(xs[i, 1][ys[i, 0] > 0.5].median()) * 255) for i in range(24)}
+    assert len(seen) >= 3  # the batch draws from the versions
+
+
 def test_low_dose_adds_the_stated_noise_reproducibly(patient):
     ct = patient("3Dircadb1.17").ct
     a = appearance.low_dose(ct, np.random.default_rng(1))
@@ -109,6 +137,33 @@ def test_training_samples_blend_the_unenhanced_slices_and_average_slabs(patient)
     torch.testing.assert_close(slab[1], images[k - 1 : k + 2].mean(0))  # centre channel: slices k-1..k+1
     torch.testing.assert_close(slab[0], images[k - 4 : k - 1].mean(0))  # neighbour: one slab (3 slices) away
     assert 0 <= float(slab[-1].min()) and float(slab[-1].max()) <= 1
+
+
+def test_the_mask_free_pull_lowers_enhanced_tissue_and_leaves_fat_and_air(patient):
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)  # the shipped window: 0..1 is 0..255 HU
+    slices = train.PatientSlices(patient("3Dircadb1.1"), ["liver"], plan)
+    k = int(np.argmax(slices.labels[:, 0].float().sum(dim=(1, 2))))
+    native = slices.sample(k, 1)
+    x, liver = native[:3], native[-1] > 0.5
+    pulled = train.pulled_down(x, plan, 40.0, 0.5)
+    hu = lambda t: float(t[1][liver].mean()) * 255  # noqa: E731
+    assert hu(x) > 90 and hu(pulled) == pytest.approx(40 + 0.5 * (hu(x) - 40), abs=2)  # the enhanced liver halfway down
+    low = x <= 40 / 255  # fat, air, water: left as they were
+    assert low.float().mean() > 0.3 and torch.equal(pulled[low], x[low])
+    assert torch.all(pulled[~low] < x[~low]) and torch.all(pulled[~low] > 40 / 255)  # order kept, none below 40 HU
+    aug = {"unenhanced_p": 0.0, "thick_p": 0.0, "thick_slices": [2], "pull_p": 1.0, "pull_hu": 40.0, "pull_min": 0.2}
+    batch = [(0, k)] * 40
+    xs, ys, _ = train.make_batch([slices], batch, plan, 512, np.random.default_rng(0), aug)
+    inside = ys[:, 0] > 0.5
+    means = torch.stack([xs[i, 1][inside[i]].mean() for i in range(len(batch))]) * 255
+    assert float(means.max()) < hu(x) and float(means.min()) > 40 and float(means.std()) > 5  # random, all lowered
+    aug["pull_p"] = 0.0
+    xs, ys, _ = train.make_batch([slices], batch, plan, 512, np.random.default_rng(0), aug)
+    assert float(xs[0, 1][ys[0, 0] > 0.5].mean()) * 255 == pytest.approx(hu(x), abs=0.5)
 
 
 def test_elastic_deformation_bends_image_and_mask_together(patient):
@@ -147,7 +202,7 @@ def test_unenhanced_share_is_drawn_from_the_configured_range():
     class Sample:
         available = torch.ones(1, dtype=torch.bool)
 
-        def sample(self, k, context, unenhanced=0.0, slab=1):
+        def sample(self, k, context, unenhanced=0.0, slab=1, version=0):
             return torch.full((2 * context + 2, 4, 4), unenhanced)
 
     from LiverSegUNetLib.preprocess import Plan

@@ -320,12 +320,19 @@ def test_every_experiment_config_is_valid_and_run_by_the_experiments():
 
 def test_the_report_question_is_asked_again_at_the_shipped_recipe():
     """The *_final transfer configs train with the shipped model's recipe: its window, augmentations and
-    extra slices (the bone source without the liver-only slices), only the organ, subset and start differ."""
+    extra slices (the bone source without the liver-only slices), only the organ, subset and start differ.
+    They were measured at ``liver_elastic``'s recipe; the shipped ``liver_varied`` differs from it in the
+    number of varied contrast-free versions alone, and in nothing else."""
     shipped = json.loads((ROOT / "LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json").read_text())
     recipe = shipped["provenance"]["config"]
+    # a key added after the card was trained has the default that trains as before
+    defaults = train.load_config(CONFIGS / "common.toml")
+    augment = {**defaults["augment"], **recipe["augment"]}
+    assert augment["unenhanced_varied"] == 3
+    augment["unenhanced_varied"] = 0  # the one difference, documented in training/results/RESULTS.md
     for name in ("bone_pretrain_final", "liver_scratch_25_final", "liver_transfer_25_final"):
         cfg = train.load_config(CONFIGS / f"{name}.toml")
-        assert cfg["plan"] == recipe["plan"] and cfg["augment"] == recipe["augment"], name
+        assert cfg["plan"] == recipe["plan"] and cfg["augment"] == augment, name
     assert train.load_config(CONFIGS / "liver_scratch_25_final.toml")["extra_2d"] == recipe["extra_2d"]
 
 

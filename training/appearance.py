@@ -37,6 +37,9 @@ STRUCTURES = {
 }
 #: Every 3D-IRCADb mask the mapping reads (bone is left unchanged; the rest are the structures above).
 MASK_NAMES = (*(n for names in STRUCTURES.values() for n in names), "bone")
+#: What those medians span between patients and scanners (HU): a normal liver 50-65, a fatty one down to about 35
+#: (darker than the spleen, as steatosis shows without contrast), blood 33-47 with the haematocrit.
+UNENHANCED_RANGE = {"liver": (35.0, 65.0), "spleen": (38.0, 52.0), "vessels": (33.0, 47.0), "kidneys": (26.0, 38.0)}
 STRUCTURE_CONTRAST = 0.6
 SOFT_TISSUE_HU = 40.0
 UNLABELLED_PULL = 0.3
@@ -92,15 +95,25 @@ def unenhanced_hu(
     return out
 
 
+def varied_mapping(rng: np.random.Generator) -> dict:
+    """Keyword arguments of :func:`unenhanced_hu` for one random unenhanced patient: each structure's median drawn
+    from ``UNENHANCED_RANGE``, the spread kept 0.45-0.75 and the unlabelled tissue's pull 0.15-0.45."""
+    targets = {name: float(rng.uniform(*span)) for name, span in UNENHANCED_RANGE.items()}
+    return {"targets": targets, "contrast": float(rng.uniform(0.45, 0.75)), "pull": float(rng.uniform(0.15, 0.45))}
+
+
 def masks_of(patient) -> dict[str, np.ndarray]:
     """The expert masks of a 3D-IRCADb patient that the unenhanced mapping reads, those it has."""
     return {name: patient.mask(name).array for name in MASK_NAMES if name in patient.organs}
 
 
-def unenhanced_from_masks(hu: np.ndarray, masks: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """:func:`unenhanced_hu` with the structures taken from 3D-IRCADb masks (float32 HU)."""
+def unenhanced_from_masks(
+    hu: np.ndarray, masks: dict[str, np.ndarray], rng: np.random.Generator, **mapping
+) -> np.ndarray:
+    """:func:`unenhanced_hu` with the structures taken from 3D-IRCADb masks (float32 HU); ``mapping``: other
+    targets, contrast or pull (:func:`varied_mapping`)."""
     labels, names = structure_labels(hu.shape, masks)
-    return unenhanced_hu(hu, labels, names, masks.get("bone"), rng)
+    return unenhanced_hu(hu, labels, names, masks.get("bone"), rng, **mapping)
 
 
 def unenhanced(ct: Volume, masks: dict[str, np.ndarray], rng: np.random.Generator) -> Volume:

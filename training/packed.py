@@ -130,6 +130,7 @@ def load(path: Path, plan: Plan, keys: list[str], unenhanced: bool = False):
     slices.available = tensors["available"][: len(keys)].bool()
     plain = tensors.get("unenhanced_xor")
     slices.unenhanced = (plain ^ tensors["images"]).half() / 255 if plain is not None else None
+    slices.unenhanced_varied = []  # one contrast-free version is packed (augment.unenhanced_varied = 0)
     if meta["kind"] == "ExtraSlices":
         slices.cases = json.loads(meta["cases"])
     return slices

@@ -127,10 +127,14 @@ class PatientSlices:
     in memory as float16, and which structures have a target (``available``; a missing one is all zeros).
 
     With ``unenhanced``, also the same slices without contrast enhancement (``appearance.unenhanced_hu``
-    with the patient's organ masks), which training blends in with a random weight.
+    with the patient's organ masks), which training blends in with a random weight; with ``varied`` > 0,
+    that many more contrast-free versions, each with its own random unenhanced values
+    (``appearance.varied_mapping``), in ``unenhanced_varied``.
     """
 
-    def __init__(self, patient: IrcadbPatient, keys: list[str], plan: Plan, unenhanced: bool = False):
+    def __init__(
+        self, patient: IrcadbPatient, keys: list[str], plan: Plan, unenhanced: bool = False, varied: int = 0
+    ):
         ct = patient.ct
         masks = appearance.masks_of(patient) if unenhanced else {}
         reorient = Reorientation(ct)
@@ -145,24 +149,29 @@ class PatientSlices:
             if target is not None:
                 lab = torch.from_numpy(np.ascontiguousarray(reorient.forward(target)))
                 self.labels[:, index] = to_model_grid(lab.float(), grid).half()
-        self.unenhanced = None
+        self.unenhanced, self.unenhanced_varied = None, []
         if unenhanced:
             rng = np.random.default_rng(sum(map(ord, patient.name)))
-            plain = appearance.unenhanced_from_masks(ct.array, masks, rng)
-            plain = torch.from_numpy(np.ascontiguousarray(reorient.forward(plain)))
-            self.unenhanced = prepare_slices(plain, grid, plan).half()
+            mappings = [{}, *(appearance.varied_mapping(rng) for _ in range(varied))]
+            for mapping in mappings:
+                plain = appearance.unenhanced_from_masks(ct.array, masks, rng, **mapping)
+                plain = prepare_slices(torch.from_numpy(np.ascontiguousarray(reorient.forward(plain))), grid, plan)
+                self.unenhanced_varied.append(plain.half())
+            self.unenhanced = self.unenhanced_varied.pop(0)
 
-    def sample(self, k: int, context: int, unenhanced: float = 0.0, slab: int = 1) -> torch.Tensor:
+    def sample(self, k: int, context: int, unenhanced: float = 0.0, slab: int = 1, version: int = 0) -> torch.Tensor:
         """``(2 * context + 1 + structures, H, W)``: slice ``k`` with its neighbours as channels, then its labels.
 
-        ``unenhanced`` (0..1) blends in the contrast-free slices; ``slab`` > 1 averages ``slab``
-        contiguous slices per channel, neighbours one slab apart, as a CT with thick slices shows them.
+        ``unenhanced`` (0..1) blends in the contrast-free slices (``version`` > 0: the varied ones); ``slab``
+        > 1 averages ``slab`` contiguous slices per channel, neighbours one slab apart, as a CT with thick
+        slices shows them.
         """
         offsets = (torch.arange(-context, context + 1) * slab)[:, None] + (torch.arange(slab) - (slab - 1) // 2)[None]
         index = (k + offsets).clamp(0, self.images.shape[0] - 1)  # (channels, slab)
         x = self.images[index].float().mean(1)
         if unenhanced > 0 and self.unenhanced is not None:
-            x = (1 - unenhanced) * x + unenhanced * self.unenhanced[index].float().mean(1)
+            plain = self.unenhanced_varied[version - 1] if version else self.unenhanced
+            x = (1 - unenhanced) * x + unenhanced * plain[index].float().mean(1)
         y = self.labels[index[context]].float().mean(0)
         return torch.cat([x, y])
 
@@ -187,7 +196,7 @@ class ExtraSlices:
     1.5 mm). Each slice has no neighbours, so its context channels repeat it.
     """
 
-    def __init__(self, folder: Path, plan: Plan, pixel_mm: float, structures: int = 1):
+    def __init__(self, folder: Path, plan: Plan, pixel_mm: float, structures: int = 1, varied: int = 0):
         import SimpleITK as sitk
 
         files = sorted((folder / "images").glob("*.jpg"))
@@ -209,15 +218,21 @@ class ExtraSlices:
         self.labels[:, 0] = to_model_grid(torch.from_numpy(liver).float(), grid).half()
         self.available = torch.arange(structures) == 0  # the liver only
         # Contrast removed with the liver mask only; the 8-bit storage clips at 255 HU, so that is bone.
-        plain = appearance.unenhanced_hu(hu, liver.astype(np.uint8), ["liver"], hu >= 250, np.random.default_rng(0))
-        self.unenhanced = prepare_slices(torch.from_numpy(plain), grid, plan).half()
+        rng = np.random.default_rng(0)
+        self.unenhanced_varied = []
+        for mapping in [{}, *(appearance.varied_mapping(rng) for _ in range(varied))]:
+            plain = appearance.unenhanced_hu(hu, liver.astype(np.uint8), ["liver"], hu >= 250, rng, **mapping)
+            self.unenhanced_varied.append(prepare_slices(torch.from_numpy(plain), grid, plan).half())
+        self.unenhanced = self.unenhanced_varied.pop(0)
 
-    def sample(self, k: int, context: int, unenhanced: float = 0.0, slab: int = 1) -> torch.Tensor:
+    def sample(self, k: int, context: int, unenhanced: float = 0.0, slab: int = 1, version: int = 0) -> torch.Tensor:
         """``(2 * context + 1 + structures, H, W)``: slice ``k`` repeated as its own neighbours, then its labels
-        (``unenhanced`` blends in the contrast-free slice; a single slice has no slab to average)."""
+        (``unenhanced`` blends in the contrast-free slice, ``version`` > 0: a varied one; a single slice has no
+        slab to average)."""
         x = self.images[k : k + 1].float()
         if unenhanced > 0:
-            x = (1 - unenhanced) * x + unenhanced * self.unenhanced[k : k + 1].float()
+            plain = self.unenhanced_varied[version - 1] if version else self.unenhanced
+            x = (1 - unenhanced) * x + unenhanced * plain[k : k + 1].float()
         return torch.cat([x.expand(2 * context + 1, -1, -1), self.labels[k].float()])
 
 
@@ -242,6 +257,15 @@ def crop_or_pad(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.T
     return x[..., top : top + size, left : left + size]
 
 
+def pulled_down(x: torch.Tensor, plan: Plan, hu: float, keep: float) -> torch.Tensor:
+    """Window-normalized slices ``x`` with every value above ``hu`` moved towards it, ``keep`` (0..1) of its
+    distance left: contrast removed without any mask, from every organ, vessel and bone alike. It reaches
+    what the masks of :mod:`training.appearance` cannot: the spleen, kidneys and vessels of slices whose
+    only mask is the liver's (the msd_liver_2d slices) and enhanced tissue no mask covers."""
+    level = (hu - plan.hu_min) / (plan.hu_max - plan.hu_min)
+    return torch.where(x > level, level + keep * (x - level), x)
+
+
 def make_batch(
     train, batch, plan: Plan, crop: int, rng, aug: dict, contrast_only: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,9 +273,11 @@ def make_batch(
     labels exist ``(B, S)`` (a structure without an expert mask in that sample's patient is not a target).
 
     Per sample, with probability ``aug["unenhanced_p"]`` the contrast is removed by a random share
-    (uniform ``aug["unenhanced_min"]``..1), and with probability ``aug["thick_p"]`` the slices are averaged
+    (uniform ``aug["unenhanced_min"]``..1; one of the ``aug["unenhanced_varied"]`` + 1 contrast-free versions
+    at random), and with probability ``aug["thick_p"]`` the slices are averaged
     into slabs of one of ``aug["thick_slices"]`` slices. Where more than half the contrast was removed, the structures
-    flagged in ``contrast_only`` (``(S,)`` bool) are no target for that sample.
+    flagged in ``contrast_only`` (``(S,)`` bool) are no target for that sample. With probability
+    ``aug["pull_p"]`` every value above ``aug["pull_hu"]`` is pulled towards it (:func:`pulled_down`).
     """
     xs, ys, available = [], [], []
     channels = 2 * plan.context + 1
@@ -263,7 +289,11 @@ def make_batch(
             else 0.0
         )
         slab = int(rng.choice(aug["thick_slices"])) if aug["thick_p"] > 0 and rng.uniform() < aug["thick_p"] else 1
-        both = crop_or_pad(train[p].sample(k, plan.context, unenhanced, slab), crop, rng)
+        varied = aug.get("unenhanced_varied", 0)
+        version = int(rng.integers(varied + 1)) if unenhanced > 0 and varied > 0 else 0
+        both = crop_or_pad(train[p].sample(k, plan.context, unenhanced, slab, version), crop, rng)
+        if aug.get("pull_p", 0.0) > 0 and rng.uniform() < aug["pull_p"]:
+            both[:channels] = pulled_down(both[:channels], plan, aug["pull_hu"], rng.uniform(aug["pull_min"], 1.0))
         xs.append(both[:channels])
         ys.append(both[channels:])
         if contrast_only is not None and unenhanced > 0.5:
@@ -546,9 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     if leaked:
         raise SystemExit(f"patients {sorted(leaked)} are both in training and test; refusing to run")
     cache = Path(cfg["cache"]) if cfg["cache"] else None  # packed slices (training/packed.py) instead of the data
+    varied = cfg["augment"]["unenhanced_varied"] if unenhanced else 0
+    if cache is not None and varied:
+        raise SystemExit("packed slices hold one contrast-free version; set augment.unenhanced_varied = 0 or cache = ''")
     if cache is None:
         patients = {n: IrcadbPatient(data_root / n) for n in cfg["train_patients"] + cfg["test_patients"]}
-        train = [PatientSlices(patients[n], keys, plan, unenhanced) for n in cfg["train_patients"]]
+        train = [PatientSlices(patients[n], keys, plan, unenhanced, varied) for n in cfg["train_patients"]]
         test = [patients[n] for n in cfg["test_patients"]]
         test_slices = [PatientSlices(p, keys[:1], plan) for p in test] if cfg["validate"] and rank == 0 else []
     else:  # no 3D evaluation: the original grids are not packed; the per-epoch validation on the model grid is
@@ -563,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         if keys[0] != "liver":
             raise SystemExit(f"extra_2d holds liver slices; the first structure is {keys[0]!r}")
         extra = (
-            ExtraSlices((args.data or default_data_root()) / cfg["extra_2d"], plan, cfg["extra_2d_pixel_mm"], len(keys))
+            ExtraSlices(
+                (args.data or default_data_root()) / cfg["extra_2d"], plan, cfg["extra_2d_pixel_mm"], len(keys), varied
+            )
             if cache is None
             else packed.load(packed.path_for(cache, cfg["extra_2d"]), plan, keys, True)
         )
