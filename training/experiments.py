@@ -49,6 +49,7 @@ EXPERIMENTS = [
     "liver_context2",
     "liver_pull",
     "liver_varied",
+    "liver_varied_seed1",
     "liver_wide",
     "bone_pretrain_final",
     "liver_scratch_25_final",
@@ -64,7 +65,7 @@ STARTS_FROM = {
     "liver_transfer_25_frozen_final": "bone_pretrain_final",
 }
 #: Reruns of an experiment with another seed: reported (the run-to-run spread), never candidates to ship.
-REPLICATES = {"liver_elastic_seed1": "liver_elastic"}
+REPLICATES = {"liver_elastic_seed1": "liver_elastic", "liver_varied_seed1": "liver_varied"}
 #: Experiments sized for a GPU (python -m training.slot sweep, then slot score brings the fold models here):
 #: the LOO stage runs them only when named with --only; once their fold runs exist they compete as any other.
 GPU_SIZED = {"liver_wide"}
