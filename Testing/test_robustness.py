@@ -214,30 +214,19 @@ def test_unenhanced_share_is_drawn_from_the_configured_range():
     assert float(shares.min()) >= 0.6 and float(shares.max()) <= 1.0 and float(shares.std()) > 0.05
 
 
+def _robustness(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m training.robustness ARGS`` from the repository root."""
+    cmd = [sys.executable, "-m", "training.robustness", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def test_robustness_command_end_to_end(ircadb_root, tmp_path):
     """One patient, one condition, the bundled model: the command's JSON and table."""
     out = tmp_path / "robustness.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.robustness",
-            "--model",
-            str(DEFAULT_MODEL),
-            "--patients",
-            "3Dircadb1.17",
-            "--conditions",
-            "thick_5mm",
-            "--data",
-            str(ircadb_root.parent),
-            "-o",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _robustness(
+        "--model", str(DEFAULT_MODEL), "--patients", "3Dircadb1.17", "--conditions", "thick_5mm",
+        "--data", str(ircadb_root.parent), "-o", str(out),
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     dice = result["results"][json.loads(DEFAULT_MODEL.read_text())["model_id"]]["thick_5mm"]["3Dircadb1.17"]
@@ -247,34 +236,36 @@ def test_robustness_command_end_to_end(ircadb_root, tmp_path):
 
 
 def test_robustness_scores_fold_ensembles(ircadb_root, tmp_path):
-    """``--ensemble A+B`` builds each fold's ensemble; the bundled model twice scores as the model alone."""
+    """``--ensemble A+B`` builds each fold's ensemble; the bundled model twice scores as the model alone. A
+    model with a fold run that trained on its held-out patient's own extra slices is marked, also after a
+    merge."""
     import shutil
 
     fold = tmp_path / "runs" / "3Dircadb1.17"
     card = json.loads(DEFAULT_MODEL.read_text())
-    card["provenance"] = {**card["provenance"], "test_patients": ["3Dircadb1.17"]}
+    card["provenance"] = {**card["provenance"], "test_patients": ["3Dircadb1.17"], "extra_2d_slices": 638}
     for experiment in ("a", "b"):
         (fold / experiment).mkdir(parents=True)
         shutil.copy(DEFAULT_MODEL.with_suffix(".safetensors"), fold / experiment / card["weights_file"])
-        (fold / experiment / "model.json").write_text(json.dumps(card))
+        left_out = {"extra_2d_left_out": {"10067": "3Dircadb1.17"}} if experiment == "a" else {}
+        (fold / experiment / "model.json").write_text(json.dumps({**card, "provenance": card["provenance"] | left_out}))
     out = tmp_path / "robustness.json"
     common = ["--conditions", "thick_5mm", "--data", str(ircadb_root.parent)]
     args = ["--runs", str(tmp_path / "runs"), "--experiments", "a", "--ensemble", "a+b", *common, "-o", str(out)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.robustness", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    proc = _robustness(*args)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"a", "ensemble:a+b"}
     single, pair = results["a"]["thick_5mm"]["3Dircadb1.17"], results["ensemble:a+b"]["thick_5mm"]["3Dircadb1.17"]
     assert 0.8 < single and pair == pytest.approx(single, abs=0.002)
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.robustness", "--runs", str(tmp_path / "runs"), "--ensemble", "a+c", *common],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _robustness(*args[:2], "--experiments", "b", *common, "-o", str(out), "--merge")
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(out.read_text())
+    assert set(merged["results"]) == {"a", "ensemble:a+b", "b"} and merged["clean"] == ["a"]
+    table = out.with_suffix(".md").read_text()
+    assert "**a**\n" in table and "**b** †\n" in table and "**ensemble:a+b** †\n" in table
+    assert "† Scored with fold models trained before runs left out" in table
+    proc = _robustness("--runs", str(tmp_path / "runs"), "--ensemble", "a+c", *common)
     assert proc.returncode != 0 and "no fold" in proc.stderr and "'c'" in proc.stderr
 
 
@@ -284,24 +275,12 @@ def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
     out = tmp_path / "robustness.json"
     common = ["--model", str(DEFAULT_MODEL), "--patients", "3Dircadb1.17", "--conditions", "native"]
     common += ["--data", str(ircadb_root.parent)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.robustness", *common, "--thresholds", "0.02,0.5", "-o", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _robustness(*common, "--thresholds", "0.02,0.5", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     model_id = json.loads(DEFAULT_MODEL.read_text())["model_id"]
     results = json.loads(out.read_text())["results"]
     assert set(results) == {f"{model_id}@0.02", f"{model_id}@0.5"}
     low, card = (results[f"{model_id}@{t}"]["native"]["3Dircadb1.17"] for t in ("0.02", "0.5"))
     assert 0.85 < card <= 1 and low < card - 0.005  # almost every doubtful pixel kept: more false positives
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.robustness", *common, "--thresholds", "0.5,1.5"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _robustness(*common, "--thresholds", "0.5,1.5", timeout=60)
     assert proc.returncode != 0 and "strictly between 0 and 1" in proc.stderr

@@ -29,6 +29,7 @@ def test_packed_slices_are_what_training_holds(patient, tmp_path):
         a, b = getattr(original, name).float(), getattr(loaded, name).float()
         assert a.shape == b.shape and (a - b).abs().max() <= 0.5 / 255 + 1e-3, name
     assert torch.equal(loaded.available, original.available)
+    assert torch.equal(loaded.thumbs, original.thumbs)  # what a run checks the extra slices against
     torch.testing.assert_close(loaded.sample(40, 1, 0.5, 2), original.sample(40, 1, 0.5, 2), atol=3e-3, rtol=0)
     with pytest.raises(SystemExit, match="grid"):
         packed.load(path, train.plan_of(train.load_config(CONFIGS / "liver_scratch.toml")), keys)

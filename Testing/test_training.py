@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from LiverSegUNetLib.inference import segment
 from LiverSegUNetLib.preprocess import Plan
 from LiverSegUNetLib.runtime import autocast_for
@@ -20,7 +21,7 @@ from LiverSegUNetLib.terminology import CATALOGUE
 from LiverSegUNetLib.volume import Volume
 from LiverSegUNetLib.weights import load_model, save_model
 
-from training import train
+from training import overlap, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,19 +124,51 @@ def test_extra_slices_are_turned_to_the_radiological_view(msd_root):
     assert liver_right >= 0.97 * len(extra.images)
 
 
+#: The msd_liver_2d cases that are shared 3D-IRCADb-01 patients (LiTS includes the database), by patient.
+SAME_PATIENT = {"3Dircadb1.1": "10049", "3Dircadb1.7": "10056", "3Dircadb1.17": "10067"}
+
+
+def test_extra_cases_showing_a_held_out_patient_are_found_by_their_pixels(msd_root, patient):
+    """Each shared patient is one msd_liver_2d case, found from the pixels alone and only for that patient;
+    dropping it removes its slices (every version) and nothing else, and no slice left shows the patient."""
+    extra = train.ExtraSlices(msd_root, Plan(hu_min=0, hu_max=255, multiple=16), pixel_mm=1.5, varied=1)
+    thumbs = {name: overlap.thumbnails(patient(name).ct.array) for name in SAME_PATIENT}
+    for name, case in SAME_PATIENT.items():
+        assert overlap.cases_showing(extra.case_of, extra.thumbs, {name: thumbs[name]}) == {case: name}
+    assert overlap.cases_showing(extra.case_of, extra.thumbs, thumbs) == {c: n for n, c in SAME_PATIENT.items()}
+    n, slices = extra.images.shape[0], extra.case_of.count("10067")
+    kept = torch.tensor([c != "10067" for c in extra.case_of])
+    first_kept = extra.images[kept][0].clone()
+    assert slices == 5 and extra.drop_cases({"10067": "3Dircadb1.17"}) == slices
+    assert "10067" not in extra.cases and len(extra.case_of) == n - slices
+    for name in ("images", "labels", "unenhanced", "thumbs"):
+        assert getattr(extra, name).shape[0] == n - slices, name
+    assert extra.unenhanced_varied[0].shape[0] == n - slices
+    assert torch.equal(extra.images[0], first_kept)
+    assert not overlap.same_slices(extra.thumbs, thumbs["3Dircadb1.17"]).any()
+    # a slice is found again after the 8-bit storage and a transposed flip, as the msd slices were made
+    ct = patient("3Dircadb1.7").ct.array[70].clip(0, 255)
+    stored = F.interpolate(torch.from_numpy(ct[None, None].astype(np.float32)), size=(256, 256), mode="area")
+    stored = stored[0, 0].round().numpy()[::-1, :].T
+    assert overlap.same_slices(overlap.thumbnails(stored[None]), thumbs["3Dircadb1.7"]).all()
+    assert not overlap.same_slices(overlap.thumbnails(stored[None]), thumbs["3Dircadb1.1"]).any()
+
+
 def test_training_with_extra_slices_records_them(ircadb_root, msd_root, tmp_path):
+    """A run with extra slices records them, leaving out the case that is its test patient."""
     proc = _train(
         ircadb_root,
         tmp_path / "run",
         "liver_scratch_msd",
         "samples_fraction=0.05",
         'train_patients=["3Dircadb1.7"]',
-        "test_patients=[]",
+        'test_patients=["3Dircadb1.17"]',
         "validate=false",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     prov = load_model(tmp_path / "run" / "model.json").card["provenance"]
-    assert prov["extra_2d_slices"] == 643 and "Decathlon" in prov["data"]
+    assert prov["extra_2d_left_out"] == {"10067": "3Dircadb1.17"}
+    assert prov["extra_2d_slices"] == 643 - 5 and "Decathlon" in prov["data"]
     assert prov["config"]["plan"]["hu_min"] == 0 and prov["config"]["plan"]["hu_max"] == 255
 
 
@@ -269,6 +302,10 @@ def test_report_is_written_from_runs(tmp_path):
                 "device": "cpu",
                 "command": f"python -m training.train {exp}",
             }
+            if exp == "liver_robust":  # extra slices, trained before runs left out the held-out patient's own
+                prov["extra_2d_slices"] = 643
+            if exp == "liver_multi":
+                prov |= {"extra_2d_slices": 640, "extra_2d_left_out": {"10049": patient}}
             (folder / "model.json").write_text(json.dumps({"provenance": prov}))
             hist = [
                 {"epoch": e, "loss": 1.0 / e, "val": {"loss": 1.0, "dice": 0.5 * e, "accuracy": 0.9}} for e in (1, 2)
@@ -278,6 +315,10 @@ def test_report_is_written_from_runs(tmp_path):
     text = path.read_text()
     assert "| liver_scratch | liver | 100 | 2 | 0.850 ± 0.071 |" in text
     assert "0.900 / 2.00 / 9.0" in text and "Why pixel accuracy flatters" in text
+    # runs that saw the held-out patient's own extra slices are marked, in both tables, and the mark explained
+    assert "| liver_robust † | liver | 100 + 643 2D | 2 |" in text and "| liver_robust † | 0.900 / 2.00" in text
+    assert "| liver_multi | liver | 100 + 640 2D | 2 |" in text and "| liver_multi | 0.910 / 2.00" in text
+    assert "\n† Trained before the runs left out the msd_liver_2d slices of the held-out patient\n" in text
     # the multi-structure section: blank where a patient has no mask, what ships, the liver with and without
     assert "| Spleen | 0.900 |  | 0.900 | yes |" in text
     assert "| Liver tumours | 0.600 | 0.600 | 0.600 | no |" in text
@@ -320,16 +361,12 @@ def test_every_experiment_config_is_valid_and_run_by_the_experiments():
 
 def test_the_report_question_is_asked_again_at_the_shipped_recipe():
     """The *_final transfer configs train with the shipped model's recipe: its window, augmentations and
-    extra slices (the bone source without the liver-only slices), only the organ, subset and start differ.
-    They were measured at ``liver_elastic``'s recipe; the shipped ``liver_varied`` differs from it in the
-    number of varied contrast-free versions alone, and in nothing else."""
+    extra slices (the bone source without the liver-only slices), only the organ, subset and start differ."""
     shipped = json.loads((ROOT / "LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json").read_text())
     recipe = shipped["provenance"]["config"]
     # a key added after the card was trained has the default that trains as before
     defaults = train.load_config(CONFIGS / "common.toml")
     augment = {**defaults["augment"], **recipe["augment"]}
-    assert augment["unenhanced_varied"] == 3
-    augment["unenhanced_varied"] = 0  # the one difference, documented in training/results/RESULTS.md
     for name in ("bone_pretrain_final", "liver_scratch_25_final", "liver_transfer_25_final"):
         cfg = train.load_config(CONFIGS / f"{name}.toml")
         assert cfg["plan"] == recipe["plan"] and cfg["augment"] == augment, name
@@ -367,6 +404,20 @@ def test_the_shipped_recipe_trades_a_little_native_dice_for_a_better_worst_condi
     for patient in ("p1", "p2"):  # a rerun with another seed is reported, never shipped
         fold("liver_elastic_seed1", patient, 0.999)
     assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_elastic"
+    # a recipe whose runs trained on their held-out patient's own extra slices is not comparable: never chosen
+    for patient in ("p1", "p2"):
+        card = tmp_path / patient / "liver_msd_half" / "model.json"
+        card.parent.mkdir(parents=True)
+        card.write_text(
+            json.dumps({"provenance": {"held_out_metrics": {patient: {"dice": 0.999}}, "extra_2d_slices": 643}})
+        )
+    assert "liver_msd_half" not in experiments.loo_scores(tmp_path)
+    assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_elastic"
+    for patient in ("p1", "p2"):  # the same, trained with the held-out patient's slices left out: a candidate
+        card = tmp_path / patient / "liver_msd_half" / "model.json"
+        provenance = json.loads(card.read_text())["provenance"] | {"extra_2d_left_out": {}}
+        card.write_text(json.dumps({"provenance": provenance}))
+    assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_msd_half"
 
 
 def test_loss_ignores_structures_a_patient_has_no_mask_for():

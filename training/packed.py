@@ -12,7 +12,8 @@ are derived from the training data: they stay out of the repository (the default
 Images and labels are stored as ``round(255 * value)``: with the 0..255 HU window of the liver
 recipes that is one level per HU (what the CT holds); with a wider window the step is wider than 1 HU.
 The contrast-free slices are stored XOR the slices (zero where the contrast removal changed nothing,
-so they compress to little).
+so they compress to little). Each file also holds the slices' thumbnails (``overlap.thumbnails``), with
+which a run leaves out the extra 2D cases that show one of its test patients.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def save(slices, path: Path, plan: Plan, keys: list[str]) -> Path:
         "images": _to_bytes(slices.images),
         "labels": _to_bytes(slices.labels),
         "available": slices.available.to(torch.uint8).contiguous(),
+        "thumbs": slices.thumbs.contiguous(),
     }
     if getattr(slices, "unenhanced", None) is not None:
         tensors["unenhanced_xor"] = _to_bytes(slices.unenhanced) ^ tensors["images"]
@@ -89,7 +91,7 @@ def save(slices, path: Path, plan: Plan, keys: list[str]) -> Path:
         "grid": json.dumps(_grid(plan), sort_keys=True),
         "multiple": str(plan.multiple),
         "keys": json.dumps(list(keys)),
-        "cases": json.dumps(getattr(slices, "cases", [])),
+        "case_of": json.dumps(getattr(slices, "case_of", [])),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +122,8 @@ def load(path: Path, plan: Plan, keys: list[str], unenhanced: bool = False):
         )
     if their_keys[: len(keys)] != list(keys):
         raise SystemExit(f"{path}: packed with structures {their_keys}, the run needs {list(keys)}; pack again")
+    if "thumbs" not in tensors:
+        raise SystemExit(f"{path}: packed without the slice thumbnails a run checks its test patients with; pack again")
     if unenhanced and "unenhanced_xor" not in tensors:
         raise SystemExit(f"{path}: packed without the contrast-free slices the run's augmentation needs")
     cls = {"PatientSlices": PatientSlices, "ExtraSlices": ExtraSlices}[meta["kind"]]
@@ -131,6 +135,8 @@ def load(path: Path, plan: Plan, keys: list[str], unenhanced: bool = False):
     plain = tensors.get("unenhanced_xor")
     slices.unenhanced = (plain ^ tensors["images"]).half() / 255 if plain is not None else None
     slices.unenhanced_varied = []  # one contrast-free version is packed (augment.unenhanced_varied = 0)
+    slices.thumbs = tensors["thumbs"]
     if meta["kind"] == "ExtraSlices":
-        slices.cases = json.loads(meta["cases"])
+        slices.case_of = json.loads(meta["case_of"])
+        slices.cases = sorted(set(slices.case_of))
     return slices

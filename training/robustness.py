@@ -36,7 +36,7 @@ from LiverSegUNetLib.metrics import dice
 from LiverSegUNetLib.volume import Volume
 from LiverSegUNetLib.weights import load_model
 
-from training import appearance
+from training import appearance, overlap
 
 Variant = Callable[[Volume, Volume, dict, np.random.Generator], tuple[Volume, Volume]]
 
@@ -130,15 +130,20 @@ def score(
     return results
 
 
-def table(results: dict, conditions: list[str], note: str = "") -> str:
-    """Markdown: one table per model, a row per condition, Dice per patient and the mean."""
+#: Marks the models whose fold runs may have trained on their held-out patient's own extra 2D slices.
+SAW_OWN = " †"
+
+
+def table(results: dict, conditions: list[str], note: str = "", marked: set[str] = frozenset()) -> str:
+    """Markdown: one table per model, a row per condition, Dice per patient and the mean; the ``marked``
+    models' fold runs may have seen their held-out patient's own extra 2D slices."""
     lines = []
     for name, per_condition in results.items():
         patients = sorted(
             {p for c in per_condition.values() for p in c}, key=lambda p: [int(t) for t in p.split(".")[1:]]
         )
         lines += [
-            f"**{name}**",
+            f"**{name}**{SAW_OWN if name in marked else ''}",
             "",
             "| condition | " + " | ".join(patients) + " | mean | worst |",
             "|---" * (len(patients) + 3) + "|",
@@ -154,7 +159,26 @@ def table(results: dict, conditions: list[str], note: str = "") -> str:
     lines += ["Conditions:", ""] + [f"- `{c}`: {CONDITIONS[c][0]}" for c in conditions]
     if note:
         lines += ["", note]
+    if marked & set(results):
+        lines += [
+            "",
+            f"{SAW_OWN.strip()} Scored with fold models trained before runs left out the msd_liver_2d slices of their",
+            "held-out patient (LiTS includes 3D-IRCADb-01; `training/overlap.py`), or before that was checked: these",
+            "numbers may be flattered.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def clean_models(runs: Path, names: list[str]) -> list[str]:
+    """Those of ``names`` (experiments, ``ensemble:A+B``, either with ``@threshold``) whose every fold run
+    under ``runs`` was trained without its held-out patient's own extra 2D slices."""
+    clean = []
+    for name in names:
+        members = name.split("@")[0].removeprefix("ensemble:").split("+")
+        cards = [card for m in members for card in runs.glob(f"*/{m}/model.json")]
+        if cards and not any(overlap.saw_own_slices(json.loads(c.read_text())["provenance"]) for c in cards):
+            clean.append(name)
+    return clean
 
 
 def loo_models(runs: Path, experiments: list[str], device: str) -> dict[str, list[tuple[object, str]]]:
@@ -261,17 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     results = score(models, data, conditions, args.device, flip_tta if args.tta else None)
     command = "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
+    clean = clean_models(args.runs, list(results)) if args.runs else list(results)
     if args.merge and args.output and args.output.exists():
         earlier = json.loads(args.output.read_text())
         if earlier["conditions"] != conditions:
             parser.error(f"--merge: {args.output} has conditions {earlier['conditions']}, not {conditions}")
-        results = {**{k: v for k, v in earlier["results"].items() if k not in results}, **results}
+        kept = {k: v for k, v in earlier["results"].items() if k not in results}
+        clean += [k for k in earlier.get("clean", []) if k in kept]  # scored before the check: not clean
+        results = {**kept, **results}
         command = f"{earlier['command']}` then `{command}"
-    text = table(results, conditions, note)
+    text = table(results, conditions, note, set(results) - set(clean))
     print(text)
     print(f"({time.perf_counter() - t:.0f} s)")
     if args.output:
-        args.output.write_text(json.dumps({"command": command, "conditions": conditions, "results": results}, indent=1))
+        out = {"command": command, "conditions": conditions, "results": results, "clean": clean}
+        args.output.write_text(json.dumps(out, indent=1))
         args.output.with_suffix(".md").write_text(f"Written by `{command}`.\n\n{text}")
     return 0
 

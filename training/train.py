@@ -42,7 +42,7 @@ from LiverSegUNetLib.terminology import CATALOGUE
 from LiverSegUNetLib.weights import LoadedModel, build_network, load_model, save_model
 from tqdm import tqdm
 
-from training import appearance, labels, packed
+from training import appearance, labels, overlap, packed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,9 +132,7 @@ class PatientSlices:
     (``appearance.varied_mapping``), in ``unenhanced_varied``.
     """
 
-    def __init__(
-        self, patient: IrcadbPatient, keys: list[str], plan: Plan, unenhanced: bool = False, varied: int = 0
-    ):
+    def __init__(self, patient: IrcadbPatient, keys: list[str], plan: Plan, unenhanced: bool = False, varied: int = 0):
         ct = patient.ct
         masks = appearance.masks_of(patient) if unenhanced else {}
         reorient = Reorientation(ct)
@@ -142,6 +140,7 @@ class PatientSlices:
         hu = torch.from_numpy(np.ascontiguousarray(reorient.forward(ct.array)))
         self.name = patient.name
         self.images = prepare_slices(hu, grid, plan).half()
+        self.thumbs = overlap.thumbnails(ct.array)  # what an extra slice of this patient would look like
         found = labels.targets(patient, keys, masks)  # the masks the unenhanced mapping read are not read again
         self.available = torch.tensor([t is not None for t in found])
         self.labels = torch.zeros((self.images.shape[0], len(keys), *self.images.shape[1:]), dtype=torch.half)
@@ -212,7 +211,9 @@ class ExtraSlices:
         liver = np.stack(labels)
         grid = SliceGrid.for_slices(hu.shape[1:], (pixel_mm, pixel_mm), plan)
         self.name = folder.name
-        self.cases = sorted({f.name.split("_")[1] for f in files})
+        self.case_of = [f.name.split("_")[1] for f in files]
+        self.cases = sorted(set(self.case_of))
+        self.thumbs = overlap.thumbnails(hu)
         self.images = prepare_slices(torch.from_numpy(hu), grid, plan).half()
         self.labels = torch.zeros((hu.shape[0], structures, *self.images.shape[1:]), dtype=torch.half)
         self.labels[:, 0] = to_model_grid(torch.from_numpy(liver).float(), grid).half()
@@ -234,6 +235,16 @@ class ExtraSlices:
             plain = self.unenhanced_varied[version - 1] if version else self.unenhanced
             x = (1 - unenhanced) * x + unenhanced * plain[k : k + 1].float()
         return torch.cat([x.expand(2 * context + 1, -1, -1), self.labels[k].float()])
+
+    def drop_cases(self, cases) -> int:
+        """Remove every slice of ``cases``, in place; how many slices went."""
+        keep = torch.tensor([c not in set(cases) for c in self.case_of], dtype=torch.bool)
+        for name in ("images", "labels", "unenhanced", "thumbs"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.unenhanced_varied = [v[keep] for v in self.unenhanced_varied]
+        self.case_of = [c for c, k in zip(self.case_of, keep.tolist()) if k]
+        self.cases = sorted(set(self.case_of))
+        return int((~keep).sum())
 
 
 def training_samples(train: list[PatientSlices], fraction: float, subset_seed: int) -> list[tuple[int, int]]:
@@ -578,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(cfg["cache"]) if cfg["cache"] else None  # packed slices (training/packed.py) instead of the data
     varied = cfg["augment"]["unenhanced_varied"] if unenhanced else 0
     if cache is not None and varied:
-        raise SystemExit("packed slices hold one contrast-free version; set augment.unenhanced_varied = 0 or cache = ''")
+        raise SystemExit(
+            "packed slices hold one contrast-free version; set augment.unenhanced_varied = 0 or cache = ''"
+        )
     if cache is None:
         patients = {n: IrcadbPatient(data_root / n) for n in cfg["train_patients"] + cfg["test_patients"]}
         train = [PatientSlices(patients[n], keys, plan, unenhanced, varied) for n in cfg["train_patients"]]
@@ -590,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_on = cfg["test_patients"] if cfg["validate"] and rank == 0 else []
         test_slices = [packed.load(packed.path_for(cache, n), plan, keys[:1]) for n in validate_on]
     samples = training_samples(train, cfg["samples_fraction"], cfg["subset_seed"])
-    extra = None
+    extra, left_out = None, {}
     per_batch = cfg["batch_size"]  # CT slices per batch; the rest of the batch comes from the extra slices
     if cfg["extra_2d"]:
         if keys[0] != "liver":
@@ -603,6 +616,15 @@ def main(argv: list[str] | None = None) -> int:
             else packed.load(packed.path_for(cache, cfg["extra_2d"]), plan, keys, True)
         )
         per_batch = max(1, cfg["batch_size"] - round(cfg["batch_size"] * cfg["extra_2d_share"]))
+        if cfg["test_patients"]:  # LiTS holds 3D-IRCADb-01: a test patient's own slices must not train
+            held_out = (
+                {p.name: overlap.thumbnails(p.ct.array) for p in test}
+                if cache is None
+                else {n: packed.load(packed.path_for(cache, n), plan, keys[:1]).thumbs for n in cfg["test_patients"]}
+            )
+            left_out = overlap.cases_showing(extra.case_of, extra.thumbs, held_out)
+            removed = extra.drop_cases(left_out)
+            log.info("extra 2D cases showing a test patient, left out: %s (%d slices)", left_out, removed)
         train.append(extra)
         log.info(
             "extra 2D slices: %d from %d other patients (%s), %d of every %d batch samples",
@@ -704,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             "test_patients": cfg["test_patients"],
             "training_slices": len(samples),
             "extra_2d_slices": 0 if extra is None else int(extra.images.shape[0]),
+            "extra_2d_left_out": left_out,
             "config": cfg,
             "commit": git_commit(),
             "precision": precision,
