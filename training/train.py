@@ -238,7 +238,8 @@ class ExtraSlices:
 
     def drop_cases(self, cases) -> int:
         """Remove every slice of ``cases``, in place; how many slices went."""
-        keep = torch.tensor([c not in set(cases) for c in self.case_of], dtype=torch.bool)
+        dropped = set(cases)
+        keep = torch.tensor([c not in dropped for c in self.case_of], dtype=torch.bool)
         for name in ("images", "labels", "unenhanced", "thumbs"):
             setattr(self, name, getattr(self, name)[keep])
         self.unenhanced_varied = [v[keep] for v in self.unenhanced_varied]
