@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 THUMB = 64
 SAME = 0.98
+#: Marks, in the reports, what was trained or scored with runs that may have seen their held-out patient's slices.
+MARK = " †"
 
 
 def thumbnails(hu: np.ndarray | torch.Tensor) -> torch.Tensor:

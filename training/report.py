@@ -209,10 +209,6 @@ def structures_section(results: dict, patients: list[str], exp: str = "liver_mul
     return lines
 
 
-#: Marks the experiments whose runs trained on extra 2D slices without leaving out the held-out patient's own.
-SAW_OWN = " †"
-
-
 def saw_own_slices(per: dict) -> bool:
     """Whether a run of the experiment trained on the held-out patient's own extra 2D slices (``overlap``)."""
     return any(overlap.saw_own_slices(v["card"]) for v in per.values())
@@ -222,7 +218,7 @@ def experiment_row(exp: str, per: dict) -> str:
     """The per-experiment table's row: mean ± sd of each metric over the held-out patients."""
     cards = [v["card"] for v in per.values()]
     row = [
-        exp + (SAW_OWN if saw_own_slices(per) else ""),
+        exp + (overlap.MARK if saw_own_slices(per) else ""),
         cards[0]["organ"],
         f"{statistics.mean(c['training_slices'] for c in cards):.0f}"
         + (f" + {cards[0]['extra_2d_slices']} 2D" if cards[0].get("extra_2d_slices") else ""),
@@ -240,7 +236,7 @@ def patient_row(exp: str, per: dict, patients: list[str]) -> str:
     for p in patients:
         m = per.get(p, {}).get("card", {}).get("held_out_metrics", {}).get(p)
         cells.append(f"{m['dice']:.3f} / {m['assd_mm']:.2f} / {m['hd95_mm']:.1f}" if m else "")
-    return f"| {exp}{SAW_OWN if saw_own_slices(per) else ''} | " + " | ".join(cells) + " |"
+    return f"| {exp}{overlap.MARK if saw_own_slices(per) else ''} | " + " | ".join(cells) + " |"
 
 
 def command_lines(results: dict) -> list[str]:
@@ -283,7 +279,7 @@ def write_report(runs: Path, out: Path) -> Path:
     if any(saw_own_slices(per) for per in results.values()):
         lines += [
             "",
-            f"{SAW_OWN.strip()} Trained before the runs left out the msd_liver_2d slices of the held-out patient",
+            f"{overlap.MARK.strip()} Trained before the runs left out the msd_liver_2d slices of the held-out patient",
             "itself: that set comes from LiTS, which includes 3D-IRCADb-01, and holds 3, 2 and 5 slices of patients",
             "1, 7 and 17 (found by their pixels, `training/overlap.py`). These rows may be flattered; rows without",
             "the mark were trained without them.",

@@ -130,10 +130,6 @@ def score(
     return results
 
 
-#: Marks the models whose fold runs may have trained on their held-out patient's own extra 2D slices.
-SAW_OWN = " †"
-
-
 def table(results: dict, conditions: list[str], note: str = "", marked: set[str] = frozenset()) -> str:
     """Markdown: one table per model, a row per condition, Dice per patient and the mean; the ``marked``
     models' fold runs may have seen their held-out patient's own extra 2D slices."""
@@ -143,7 +139,7 @@ def table(results: dict, conditions: list[str], note: str = "", marked: set[str]
             {p for c in per_condition.values() for p in c}, key=lambda p: [int(t) for t in p.split(".")[1:]]
         )
         lines += [
-            f"**{name}**{SAW_OWN if name in marked else ''}",
+            f"**{name}**{overlap.MARK if name in marked else ''}",
             "",
             "| condition | " + " | ".join(patients) + " | mean | worst |",
             "|---" * (len(patients) + 3) + "|",
@@ -162,7 +158,8 @@ def table(results: dict, conditions: list[str], note: str = "", marked: set[str]
     if marked & set(results):
         lines += [
             "",
-            f"{SAW_OWN.strip()} Scored with fold models trained before runs left out the msd_liver_2d slices of their",
+            f"{overlap.MARK.strip()} Scored with fold models trained before runs left out the msd_liver_2d slices"
+            " of their",
             "held-out patient (LiTS includes 3D-IRCADb-01; `training/overlap.py`), or before that was checked: these",
             "numbers may be flattered.",
         ]
@@ -291,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if earlier["conditions"] != conditions:
             parser.error(f"--merge: {args.output} has conditions {earlier['conditions']}, not {conditions}")
         kept = {k: v for k, v in earlier["results"].items() if k not in results}
-        clean += [k for k in earlier.get("clean", []) if k in kept]  # scored before the check: not clean
+        # an entry scored before the check is in no clean list: marked
+        clean += [k for k in earlier.get("clean", []) if k in kept]
         results = {**kept, **results}
         command = f"{earlier['command']}` then `{command}"
     text = table(results, conditions, note, set(results) - set(clean))
