@@ -284,3 +284,50 @@ def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
     assert 0.85 < card <= 1 and low < card - 0.005  # almost every doubtful pixel kept: more false positives
     proc = _robustness(*common, "--thresholds", "0.5,1.5", timeout=60)
     assert proc.returncode != 0 and "strictly between 0 and 1" in proc.stderr
+
+
+def test_slab_errors_count_what_was_missed_and_added_where():
+    """Two 2-slice slabs at 1 mm: the first misses half its liver, the second adds a block outside it."""
+    from training.errors import render, slab_rows
+
+    reference = np.zeros((4, 8, 8), bool)
+    reference[:, 2:6, 2:6] = True  # 16 voxels a slice
+    found = reference.copy()
+    found[0:2, 2:6, 2:4] = False  # 8 missed in slices 0 and 1 each
+    found[3, 0:2, 0:4] = True  # 8 added in slice 3
+    hu = np.full(reference.shape, 100, np.int16)
+    hu[0:2, 2:6, 2:4] = 55  # the missed tissue
+    rows = slab_rows(reference, found, hu, spacing_k_mm=1.0, voxel_ml=0.5, slab_mm=2.0)
+    assert [r["slices"] for r in rows] == [(0, 1), (2, 3)]
+    first, second = rows
+    assert (first["liver_ml"], first["missed_ml"], first["added_ml"]) == (16.0, 8.0, 0.0)
+    assert first["missed_hu"] == 55 and first["dice"] == pytest.approx(2 * 16 / (16 + 32))
+    assert (second["missed_ml"], second["added_ml"], second["missed_hu"]) == (0.0, 4.0, None)
+    assert second["dice"] == pytest.approx(2 * 32 / (40 + 32))
+    assert render(rows).splitlines()[-1] == "| all | 32.0 | 8.0 | 4.0 | | |"
+    # slices without liver in either are not listed; a slab is at least one slice
+    reference[2:], found[2:] = False, False
+    assert [r["slices"] for r in slab_rows(reference, found, hu, 1.0, 0.5, 0.1)] == [(0, 0), (1, 1)]
+    with pytest.raises(ValueError, match="shapes differ"):
+        slab_rows(reference, found[1:], hu, 1.0, 0.5, 2.0)
+
+
+def test_errors_command_on_a_real_patient(ircadb_root):
+    """The bundled model on patient 17: the table's total liver is the expert mask's volume, and the command
+    says the patient was one the model trained on."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.errors", "--patient", "3Dircadb1.17", "--slab-mm", "16",
+         "--data", str(ircadb_root.parent)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "a training patient: not held out" in proc.stdout
+    total = next(line for line in proc.stdout.splitlines() if line.startswith("| all |"))
+    assert float(total.split("|")[2]) == pytest.approx(1860.6, abs=0.2)  # patient 17's liver mask, in ml
+    dice = float(proc.stdout.split("Dice ")[1].split()[0])
+    assert 0.85 < dice <= 1
+    bad = subprocess.run(
+        [sys.executable, "-m", "training.errors", "--patient", "3Dircadb1.99", "--data", str(ircadb_root.parent)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "no patient folder" in bad.stderr
