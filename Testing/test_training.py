@@ -66,6 +66,22 @@ def test_tiny_training_run_exports_a_loadable_model(ircadb_root, patient, tmp_pa
     small = Volume(ct.array[50:54], ct.spacing_mm, ct.origin_lps, ct.direction)
     result = segment(small, model, device="cpu", postprocess=False)
     assert result.mask.same_grid(small) and result.mask.array.dtype == np.uint8
+    assert model.plan.opening_mm == 7.5  # common.toml's cleanup travels in the card
+
+    # re-scored with another cleanup: same weights, new plan in card and weights, metrics measured again
+    from training import rescore
+
+    card = tmp_path / "run" / "model.json"
+    after = rescore.rescore(card, {"opening_mm": 0.0}, ircadb_root.parent)
+    again = load_model(card)
+    assert again.plan.opening_mm == 0.0 and set(after) == {"3Dircadb1.17"}
+    record = again.card["provenance"]["rescored"][-1]
+    assert record["plan"] == {"opening_mm": 0.0} and set(record["held_out_metrics_before"]) == {"3Dircadb1.17"}
+    assert again.card["provenance"]["config"]["plan"]["opening_mm"] == 0.0
+    for a, b in zip(model.network.state_dict().values(), again.network.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(SystemExit, match="retrain"):
+        rescore.parse_sets(["hu_min=0"])
 
 
 def test_multi_structure_run_scores_each_structure_and_exports_a_chosen_few(ircadb_root, tmp_path):

@@ -240,9 +240,14 @@ def patient_row(exp: str, per: dict, patients: list[str]) -> str:
 
 
 def command_lines(results: dict) -> list[str]:
-    """The training command of every run, each with its experiment and held-out patient."""
-    runs = [(exp, p, v) for exp, per in results.items() for p, v in per.items()]
-    return [f"{portable(v['card']['command'])}   # {exp}, held out {p}" for exp, p, v in runs]
+    """The training command of every run, each with its experiment and held-out patient, and the commands
+    that re-scored it after a change to the cleanup (``training.rescore``)."""
+    lines = []
+    for exp, per in results.items():
+        for p, v in per.items():
+            lines.append(f"{portable(v['card']['command'])}   # {exp}, held out {p}")
+            lines += [f"{portable(r['command'])}   # {exp}, re-scored" for r in v["card"].get("rescored", [])]
+    return lines
 
 
 def write_report(runs: Path, out: Path) -> Path:
@@ -264,7 +269,9 @@ def write_report(runs: Path, out: Path) -> Path:
         f"({datetime.now(UTC):%Y-%m-%d}). Every patient of 3D-IRCADb-01 found in the data folder is held",
         "out once; the others train. Metrics are 3D, on the held-out patient's original grid, after the",
         "product's postprocessing (largest component, hole filling; none for bone), computed by",
-        "`LiverSegUNetLib.metrics`. Mean ± standard deviation over the held-out patients.",
+        "`LiverSegUNetLib.metrics`. Mean ± standard deviation over the held-out patients. Runs trained before",
+        "the clean-up's thin-bridge cut (the plan's `opening_mm`) and re-scored with it by `training.rescore`",
+        "show the re-scored metrics (their commands are listed below); the others were scored without it.",
         "",
         f"Machine: {machine()}, torch {torch.__version__}, "
         f"precision {any_card['precision']}, {any_card['processes']} process(es) on {any_card['device']}. "

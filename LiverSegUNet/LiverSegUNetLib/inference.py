@@ -167,19 +167,34 @@ def probe_applies(structures: list[Structure]) -> bool:
     return first.postprocess == "largest" and all(s.inside == first.name for s in structures[1:])
 
 
-def clean_structures(probability: np.ndarray, structures: list[Structure], level: int) -> None:
+def opening_voxels(plan, spacing_k_mm: float) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The ball of ``plan.opening_mm`` and the one-pixel rim restored after it, in model-grid voxels (i, j, k):
+    in-plane pixels are ``plan.spacing_mm``, slices ``spacing_k_mm`` apart."""
+    if plan.opening_mm <= 0:
+        return (0, 0, 0), (0, 0, 0)
+    pixels = max(1, round(plan.opening_mm / plan.spacing_mm))
+    slices = round(plan.opening_mm / spacing_k_mm)
+    return (pixels, pixels, slices), (1, 1, round(plan.spacing_mm / spacing_k_mm))
+
+
+def clean_structures(
+    probability: np.ndarray, structures: list[Structure], level: int, plan=None, spacing_k_mm: float = 1.0
+) -> None:
     """Each structure's card rule applied to its thresholded probabilities ``probability[s]``, in place,
-    in card order (an ``inside:`` structure after the one it lies in)."""
+    in card order (an ``inside:`` structure after the one it lies in). A ``largest`` structure is also cut
+    from what hangs on it by thin bridges when the plan asks for it (``opening_mm``)."""
     names = [s.name for s in structures]
+    radius, restore = opening_voxels(plan, spacing_k_mm) if plan is not None else ((0, 0, 0), (0, 0, 0))
     for index, structure in enumerate(structures):
         if structure.postprocess == "largest":
-            clean_on_model_grid(probability[index], level)
+            clean_on_model_grid(probability[index], level, radius, restore)
         elif structure.inside is not None:
             probability[index][probability[names.index(structure.inside)] < level] = 0
 
 
-def clean_on_model_grid(probability: np.ndarray, level: int) -> None:
-    """Postprocess (largest component, holes filled) the thresholded ``probability``, in place.
+def clean_on_model_grid(probability: np.ndarray, level: int, radius=(0, 0, 0), restore=(0, 0, 0)) -> None:
+    """Postprocess (largest component, without thin bridges when ``radius`` is set, holes filled) the
+    thresholded ``probability``, in place.
 
     Works only inside the box around what the network found, so memory scales with the liver and
     not with the volume: voxels outside the box are zeroed, dropped components set to 0 and filled
@@ -197,7 +212,7 @@ def clean_on_model_grid(probability: np.ndarray, level: int) -> None:
     probability[ks, :, : is_.start], probability[ks, :, is_.stop :] = 0, 0
     inside = probability[box]  # a view: writing to it writes to ``probability``
     raw = inside >= level
-    kept = postprocess.postprocess(raw).astype(bool)
+    kept = postprocess.postprocess(raw, radius, restore).astype(bool)
     inside[~kept] = 0
     inside[kept & ~raw] = 255
 
@@ -293,7 +308,7 @@ def predict_canonical(
         if progress is not None:
             progress("postprocess", 0.0)
         t = time.perf_counter()
-        clean_structures(prediction.probability, structures, prediction.level)
+        clean_structures(prediction.probability, structures, prediction.level, model.plan, spacing_mm[2])
         seconds["postprocess"] = time.perf_counter() - t
         if progress is not None:
             progress("postprocess", 1.0)

@@ -22,6 +22,9 @@ class Plan:
     context: int = 1  #: neighbouring slices on each side fed as extra channels (2.5D)
     multiple: int = 16  #: model-grid sizes are padded to a multiple of this (2**depth)
     threshold: float = 0.5
+    #: Radius of the ball (mm) that opens a largest-component structure before its largest component is
+    #: kept: parts joined to it only through something thinner than twice this are cut off (0: off).
+    opening_mm: float = 0.0
 
     @property
     def in_channels(self) -> int:
