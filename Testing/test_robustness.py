@@ -271,7 +271,7 @@ def test_robustness_scores_fold_ensembles(ircadb_root, tmp_path):
 
 def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
     """``--thresholds`` scores the model once per threshold (``id@t``); a wider threshold gives another mask,
-    and a threshold outside 0..1 is refused before anything runs."""
+    and a threshold outside 0..1 is refused before anything runs; ``--openings`` likewise per cut radius."""
     out = tmp_path / "robustness.json"
     common = ["--model", str(DEFAULT_MODEL), "--patients", "3Dircadb1.17", "--conditions", "native"]
     common += ["--data", str(ircadb_root.parent)]
@@ -284,6 +284,14 @@ def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
     assert 0.85 < card <= 1 and low < card - 0.005  # almost every doubtful pixel kept: more false positives
     proc = _robustness(*common, "--thresholds", "0.5,1.5", timeout=60)
     assert proc.returncode != 0 and "strictly between 0 and 1" in proc.stderr
+    # the same for the clean-up's thin-bridge cut: once per radius, 0 being the largest component alone
+    proc = _robustness(*common, "--openings", "0,7.5", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {f"{model_id}@open0", f"{model_id}@open7.5"}
+    assert all(0.85 < r["native"]["3Dircadb1.17"] <= 1 for r in results.values())
+    proc = _robustness(*common, "--openings", "-1", timeout=60)
+    assert proc.returncode != 0 and "radii must be 0 or more" in proc.stderr
 
 
 def test_slab_errors_count_what_was_missed_and_added_where():

@@ -9,13 +9,15 @@ the project installed:
     python -m training.robustness ... --conditions native,unenhanced -o training/results/robustness.json
     python -m training.robustness --runs training/runs/loo --ensemble liver_multi+liver_robust
     python -m training.robustness --runs training/runs/loo --experiments liver_elastic --thresholds 0.4,0.5
+    python -m training.robustness --runs training/runs/loo --experiments liver_robust --openings 0,6,7.5
 
 With ``--runs``, each fold's model is scored on the patient it did not see (its card's
 ``test_patients``); ``--ensemble A+B`` scores instead, per fold, the ensemble of those experiments'
 fold models (the mean of their liver logits, as ``training.export`` builds an ensemble card). With
 ``--model``, on the patients given (default: all), which may include patients it was trained on (the
 table says so). ``--thresholds`` scores every model at each of those probability thresholds instead of
-its card's (named ``model@threshold``). Writes the JSON and a markdown table beside it.
+its card's (named ``model@threshold``), ``--openings`` at each radius of the clean-up's thin-bridge cut
+(``model@open<mm>``). Writes the JSON and a markdown table beside it.
 """
 
 from __future__ import annotations
@@ -220,12 +222,13 @@ def fold_ensembles(runs: Path, ensembles: list[str], device: str) -> dict[str, l
     return found
 
 
-def at_thresholds(models: dict[str, list[tuple[object, str]]], thresholds: list[float]) -> dict:
-    """Each model once per threshold, named ``name@threshold``: the card's plan with that threshold."""
+def at_plan_values(models: dict[str, list[tuple[object, str]]], key: str, values: list[float], tag: str = "") -> dict:
+    """Each model once per value of the plan's ``key`` (applied after the network: ``threshold``,
+    ``opening_mm``), named ``name@<tag><value>``: the card's plan with that value."""
     return {
-        f"{name}@{t:g}": [(dataclasses.replace(m, plan=dataclasses.replace(m.plan, threshold=t)), p) for m, p in pairs]
+        f"{name}@{tag}{v:g}": [(dataclasses.replace(m, plan=dataclasses.replace(m.plan, **{key: v})), p) for m, p in pairs]
         for name, pairs in models.items()
-        for t in thresholds
+        for v in values
     }
 
 
@@ -249,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--thresholds", default="", help="comma-separated probability thresholds (0..1) to score instead of the card's"
     )
+    parser.add_argument(
+        "--openings",
+        default="",
+        help="comma-separated thin-bridge cut radii in mm (0: largest component only) to score instead of the card's",
+    )
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here and a .md table beside it")
     parser.add_argument(
         "--merge", action="store_true", help="keep the other models already in --output (same conditions only)"
@@ -265,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--thresholds {args.thresholds!r}: give numbers between 0 and 1, e.g. 0.4,0.5")
     if any(not 0 < t < 1 for t in thresholds):
         parser.error(f"--thresholds {args.thresholds!r}: every threshold must lie strictly between 0 and 1")
+    try:
+        openings = [float(t) for t in args.openings.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--openings {args.openings!r}: give radii in mm, e.g. 0,6,7.5")
+    if any(r < 0 for r in openings) or (openings and thresholds):
+        parser.error("--openings: radii must be 0 or more, and are not combined with --thresholds")
     data = args.data or default_data_root()
     if args.runs:
         models = loo_models(args.runs, args.experiments, args.device) if args.experiments or not args.ensemble else {}
@@ -278,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         seen = sorted(trained_on & set(patients))
         note = f"The model was trained on {', '.join(seen)}: those columns are not held out." if seen else ""
     if thresholds:
-        models = at_thresholds(models, thresholds)
+        models = at_plan_values(models, "threshold", thresholds)
+    if openings:
+        models = at_plan_values(models, "opening_mm", openings, "open")
     t = time.perf_counter()
     results = score(models, data, conditions, args.device, flip_tta if args.tta else None)
     command = "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
