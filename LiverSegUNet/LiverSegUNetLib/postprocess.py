@@ -54,9 +54,7 @@ def cut_thin_bridges(mask: np.ndarray, radius: tuple[int, int, int], restore: tu
         return whole
     largest = sizes.GetNumberOfPixels(1)
     kept = [label for label in sizes.GetLabels() if sizes.GetNumberOfPixels(label) >= KEEP_SHARE * largest]
-    labels = sitk.GetArrayViewFromImage(parts)
-    core = (labels == 1) if len(kept) == 1 else np.isin(labels, kept)
-    core = core.astype(np.uint8)
+    core = np.isin(sitk.GetArrayViewFromImage(parts), kept).astype(np.uint8)
     if any(restore):
         grown = sitk.BinaryDilate(sitk.GetImageFromArray(core), [int(r) for r in restore], sitk.sitkBall, 0, 1)
         core = sitk.GetArrayFromImage(grown) & whole
