@@ -1,7 +1,7 @@
 """Where along the body a liver model errs on one patient: for each slab of slices, the expert liver, what the
 model missed and what it added (ml), the median HU of the missed tissue, and the Dice within the slab. The
 model runs through the product's own ``segment()``; ``--raw`` shows the network's thresholded output before
-the postprocessing (largest component, holes filled). Run from the repository root:
+the postprocessing (largest component without thin bridges, holes filled). Run from the repository root:
 
     python -m training.errors --model training/runs/loo/3Dircadb1.17/liver_elastic/model.json --patient 3Dircadb1.17
     python -m training.errors --patient 3Dircadb1.7 --slab-mm 16 --raw       # the bundled model

@@ -22,7 +22,6 @@ from pathlib import Path
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
 from LiverSegUNetLib.weights import card_structures, load_model, save_model
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Plan values that only act after the network: changing them needs no retraining.
 AFTER_THE_NETWORK = ("threshold", "opening_mm")
 
@@ -44,17 +43,10 @@ def parse_sets(sets: list[str]) -> dict[str, float]:
     return changes
 
 
-def _relative(path: Path) -> str:
-    """``path`` relative to the repository when inside it (cards name no machine's folders)."""
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return Path(path).name
-
-
 def rescore(card_path: Path, changes: dict[str, float], data: Path, device: str = "cpu") -> dict:
     """Give the model at ``card_path`` the plan ``changes``, measure its test patients again, rewrite its
     card and weights; returns the new held-out metrics (empty for a run without test patients)."""
+    from training.experiments import portable
     from training.train import evaluate
 
     model = load_model(card_path, device=device)
@@ -70,7 +62,7 @@ def rescore(card_path: Path, changes: dict[str, float], data: Path, device: str 
         {
             "plan": changes,
             "held_out_metrics_before": before,
-            "command": f"python -m training.rescore --cards {_relative(card_path)} "
+            "command": f"python -m training.rescore --cards {portable(str(Path(card_path).resolve()))} "
             + " ".join(f"--set {k}={v:g}" for k, v in changes.items()),
         },
     ]
