@@ -55,6 +55,8 @@ EXPERIMENTS = [
     "liver_wide",
     "liver_robust_seed1",
     "liver_long",
+    "liver_robust_half",
+    "liver_deep",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
