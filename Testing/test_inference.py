@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from LiverSegUNetLib import metrics, slicing
 from LiverSegUNetLib.errors import Cancelled, InputError
-from LiverSegUNetLib.inference import segment
-from LiverSegUNetLib.inference import opening_voxels
+from LiverSegUNetLib.inference import opening_voxels, segment
 from LiverSegUNetLib.postprocess import cut_thin_bridges, fill_holes_per_slice, largest_component
 from LiverSegUNetLib.preprocess import Plan
 from LiverSegUNetLib.runtime import runtime_network

@@ -191,3 +191,26 @@ def test_export_makes_an_ensemble_of_the_chosen_structures(tmp_path):
     with pytest.raises(SystemExit, match="preprocessing"):
         export([str(b), str(other), "--to", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_an_ensemble_of_networks_of_different_depths_pads_to_the_deepest(tmp_path):
+    from training.export import main as export
+
+    torch.manual_seed(2)
+    shallow, deep = UNet2D(3, 1, base=4, depth=2).eval(), UNet2D(3, 1, base=4, depth=3).eval()
+    a = save_model(shallow, Plan(multiple=4), tmp_path / "a", model_id="shallow", dtype="float32")
+    b = save_model(deep, Plan(multiple=8), tmp_path / "b", model_id="deep", dtype="float32")
+    out = tmp_path / "ens.json"
+    assert export([str(a), str(b), "--to", str(out)]) == 0
+    model = load_model(out)
+    assert model.plan.multiple == 8  # the deeper member's stride: a 4-multiple grid would break it
+    x = torch.rand(1, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(model.network(x), (shallow(x) + deep(x)) / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_a_card_whose_grid_multiple_does_not_fit_the_network_is_refused(tmp_path):
+    deep = UNet2D(3, 1, base=4, depth=3).eval()
+    card = save_model(deep, Plan(multiple=4), tmp_path / "m", model_id="bad-multiple", dtype="float32")
+    with pytest.raises(WeightsError, match="multiple of 8"):
+        load_model(card)

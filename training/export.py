@@ -20,9 +20,11 @@ command run like any other. They must share the preprocessing and, after the cut
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
+from LiverSegUNetLib.preprocess import Plan
 from LiverSegUNetLib.weights import BUNDLED, LoadedModel, load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,15 +51,19 @@ def keep_structures(model: LoadedModel, names: list[str]) -> tuple[object, list]
     return network, [model.structures[i] for i in index]
 
 
-def ensemble_of(models: list[LoadedModel], names: list[str] | None = None) -> tuple[object, list]:
-    """One ``Ensemble`` network of ``models`` (each cut to the structures ``names`` first, if given) and
-    the structures they share; models with other preprocessing or other structures exit with the difference."""
+def ensemble_of(models: list[LoadedModel], names: list[str] | None = None) -> tuple[object, list, Plan]:
+    """One ``Ensemble`` network of ``models`` (each cut to the structures ``names`` first, if given), the
+    structures they share, and their shared preprocessing. Members may differ in depth: the model grid is then
+    padded to the deepest one's multiple, which every shallower member accepts too. Models with other
+    preprocessing or other structures exit with the difference."""
     from LiverSegUNetLib.model import Ensemble
+    from LiverSegUNetLib.weights import network_stride
 
     networks, structures = [], None
+    first = dataclasses.replace(models[0].plan, multiple=0)
     for model in models:
         network, mine = keep_structures(model, names) if names else (model.network, model.structures)
-        if model.plan != models[0].plan:
+        if dataclasses.replace(model.plan, multiple=0) != first:
             raise SystemExit(
                 f"{model.model_id}: preprocessing {model.plan.to_dict()} differs from "
                 f"{models[0].model_id}'s {models[0].plan.to_dict()}; an ensemble's members share one"
@@ -70,7 +76,9 @@ def ensemble_of(models: list[LoadedModel], names: list[str] | None = None) -> tu
         networks.append(network)
         structures = structures or mine
     members = [m for n in networks for m in (n.members if isinstance(n, Ensemble) else [n])]
-    return Ensemble(members), structures
+    ensemble = Ensemble(members)
+    multiple = max(network_stride(ensemble), *(m.plan.multiple for m in models))
+    return ensemble, structures, dataclasses.replace(models[0].plan, multiple=multiple)
 
 
 def ensemble_provenance(models: list[LoadedModel]) -> dict:
@@ -96,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.structures.split(",") if n.strip()]
     card = models[0].card
     if len(models) > 1:
-        network, structures = ensemble_of(models, names)
+        network, structures, plan = ensemble_of(models, names)
         model_id = "ensemble-" + "+".join(m.model_id for m in models)
         provenance = ensemble_provenance(models)
     else:
         network, structures = keep_structures(models[0], names) if names else (models[0].network, models[0].structures)
-        model_id, provenance = card["model_id"], card["provenance"]
+        model_id, provenance, plan = card["model_id"], card["provenance"], models[0].plan
     out = save_model(
         network,
-        models[0].plan,
+        plan,
         destination,
         model_id=model_id,
         structures=structures,

@@ -211,10 +211,10 @@ def fold_ensembles(runs: Path, ensembles: list[str], device: str) -> dict[str, l
             if not all(c.exists() for c in cards):
                 continue
             models = [load_model(c, device=device) for c in cards]
-            network, structures = ensemble_of(models, [models[0].structures[0].name])
-            card = model_card(network, models[0].plan, f"ensemble:{spec}", structures)
+            network, structures, plan = ensemble_of(models, [models[0].structures[0].name])
+            card = model_card(network, plan, f"ensemble:{spec}", structures)
             card["provenance"] = models[0].card["provenance"]
-            model = LoadedModel(network.eval().to(device), models[0].plan, card, fold)
+            model = LoadedModel(network.eval().to(device), plan, card, fold)
             for patient in card["provenance"]["test_patients"]:
                 found.setdefault(f"ensemble:{spec}", []).append((model, patient))
         if f"ensemble:{spec}" not in found:
@@ -226,7 +226,9 @@ def at_plan_values(models: dict[str, list[tuple[object, str]]], key: str, values
     """Each model once per value of the plan's ``key`` (applied after the network: ``threshold``,
     ``opening_mm``), named ``name@<tag><value>``: the card's plan with that value."""
     return {
-        f"{name}@{tag}{v:g}": [(dataclasses.replace(m, plan=dataclasses.replace(m.plan, **{key: v})), p) for m, p in pairs]
+        f"{name}@{tag}{v:g}": [
+            (dataclasses.replace(m, plan=dataclasses.replace(m.plan, **{key: v})), p) for m, p in pairs
+        ]
         for name, pairs in models.items()
         for v in values
     }

@@ -78,6 +78,13 @@ def card_structures(card: dict) -> list[Structure]:
     return structures_from_card(entries, int(card.get("architecture", {}).get("out_channels", 1)), where)
 
 
+def network_stride(network) -> int:
+    """The size, in pixels, that every model-grid side must be a multiple of for ``network``: ``2**depth`` of a
+    ``UNet2D``, of its deepest member for an ``Ensemble``."""
+    members = getattr(network, "members", [network])
+    return max(2**m.depth for m in members)
+
+
 def build_network(architecture: dict):
     """An untrained network of the described architecture: a ``UNet2D``, or an ``Ensemble`` of them."""
     from .model import Ensemble, UNet2D
@@ -219,6 +226,12 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> Lo
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"{path}: bad preprocessing block ({exc})") from exc
     network = build_network(card["architecture"])
+    stride = network_stride(network)
+    if plan.multiple % stride:
+        raise WeightsError(
+            f"{path}: the model grid is padded to a multiple of {plan.multiple} pixels but the network halves it "
+            f"{stride.bit_length() - 1} times (needs a multiple of {stride}); re-export the model"
+        )
     try:
         network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as exc:
