@@ -11,7 +11,8 @@ order), so a structure whose held-out results are not good enough is not shipped
 
 Several cards make one ensemble model card (architecture ``Ensemble``: the mean of the networks'
 logits, each cut to ``--structures`` first), which ``liverseg segment --model`` and the robustness
-command run like any other. They must share the preprocessing and, after the cut, the structures:
+command run like any other. They must share the preprocessing (but for the grid padding: networks of
+different depths are padded to a multiple every one of them accepts) and, after the cut, the structures:
 
     python -m training.export training/runs/final/liver_multi/model.json \
         training/runs/final/liver_elastic/model.json --to ensemble.json --structures Liver
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -54,8 +56,8 @@ def keep_structures(model: LoadedModel, names: list[str]) -> tuple[object, list]
 def ensemble_of(models: list[LoadedModel], names: list[str] | None = None) -> tuple[object, list, Plan]:
     """One ``Ensemble`` network of ``models`` (each cut to the structures ``names`` first, if given), the
     structures they share, and their shared preprocessing. Members may differ in depth: the model grid is then
-    padded to the deepest one's multiple, which every shallower member accepts too. Models with other
-    preprocessing or other structures exit with the difference."""
+    padded to the least common multiple of the members' multiples (the deepest one's, for powers of two).
+    Models with other preprocessing or other structures exit with the difference."""
     from LiverSegUNetLib.model import Ensemble
     from LiverSegUNetLib.weights import network_stride
 
@@ -77,7 +79,7 @@ def ensemble_of(models: list[LoadedModel], names: list[str] | None = None) -> tu
         structures = structures or mine
     members = [m for n in networks for m in (n.members if isinstance(n, Ensemble) else [n])]
     ensemble = Ensemble(members)
-    multiple = max(network_stride(ensemble), *(m.plan.multiple for m in models))
+    multiple = math.lcm(network_stride(ensemble), *(m.plan.multiple for m in models))
     return ensemble, structures, dataclasses.replace(models[0].plan, multiple=multiple)
 
 
