@@ -267,6 +267,91 @@ def test_frozen_encoder_does_not_move_and_decoder_does(source_card, frozen):
     assert any(not torch.equal(after[k], v) for k, v in before_dec.items())
 
 
+def test_weight_average_is_the_mean_of_the_averaged_epochs_and_survives_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = train.UNet2D(3, 1, base=4, depth=2)
+    average = train.WeightAverage(net, start=2)
+    seen = []
+    for epoch in (1, 2, 3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        average.add(net, epoch)
+        if epoch >= 2:
+            seen.append({n: p.detach().clone() for n, p in net.named_parameters()})
+    assert average.count == 2
+    # through a checkpoint and back (an interrupted run resumes with its average)
+    opt = torch.optim.AdamW(net.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    rng, gen = np.random.default_rng(0), torch.Generator()
+    train.save_checkpoint(tmp_path / "ck", net, opt, sched, 3, [], rng, gen, average)
+    resumed = train.WeightAverage(net, start=2)
+    assert train.load_checkpoint(tmp_path / "ck", net, opt, sched, rng, gen, resumed)[0] == 3
+    assert resumed.count == 2
+    resumed.apply(net)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p, (seen[0][n] + seen[1][n]) / 2)
+    with pytest.raises(ValueError, match="no epoch"):
+        train.WeightAverage(net, start=9).apply(net)
+    for share, start in ((0.0, 0), (0.5, 16), (0.9, 28)):
+        assert train.averaging_start({"average_from": share, "epochs": 30}) == start
+    with pytest.raises(SystemExit, match="between 0 and 1"):
+        train.averaging_start({"average_from": 1.5, "epochs": 30})
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_batch_norm_is_measured_again_on_the_given_batches_frozen_layers_kept(frozen):
+    torch.manual_seed(1)
+    net = train.UNet2D(3, 1, base=4, depth=2)
+    if frozen:
+        for p in net.encoder_parameters():
+            p.requires_grad_(False)
+    first = net.encoder[0][1]  # the first batch-norm layer, right after the first convolution
+    before = first.running_mean.clone()
+    batches = [torch.randn(2, 3, 16, 16) * 3 + 5, torch.randn(2, 3, 16, 16) * 3 - 1]
+    measured = train.measure_batch_norm(net, iter(batches), torch.autocast("cpu", enabled=False), "cpu")
+    assert not net.training and first.momentum == 0.1
+    if frozen:
+        assert torch.equal(first.running_mean, before) and measured < 10
+        return
+    assert measured == 10
+    conv = net.encoder[0][0]
+    with torch.no_grad():
+        expected = torch.stack([conv(x).mean((0, 2, 3)) for x in batches]).mean(0)
+    torch.testing.assert_close(first.running_mean, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_weight_averaged_run_saves_the_average_and_its_last_weights(ircadb_root, tmp_path):
+    proc = _train(
+        ircadb_root,
+        tmp_path / "run",
+        "liver_scratch",
+        "epochs=2",
+        "average_from=0.5",
+        "samples_fraction=0.05",
+        'train_patients=["3Dircadb1.7"]',
+        'test_patients=["3Dircadb1.17"]',
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "averaged the weights of 1 epochs from epoch 2 on" in proc.stderr
+    averaged, last = load_model(tmp_path / "run" / "model.json"), load_model(tmp_path / "run" / "last" / "model.json")
+    prov = averaged.card["provenance"]
+    assert set(prov["held_out_metrics"]) == set(prov["held_out_metrics_last_weights"]) == {"3Dircadb1.17"}
+    assert prov["held_out_metrics_last_weights"] == last.card["provenance"]["held_out_metrics"]
+    # one epoch averaged: the same weights, but batch-norm statistics measured again
+    a, b = averaged.network.state_dict(), last.network.state_dict()
+    assert torch.equal(a["head.weight"], b["head.weight"])
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("running_mean"))
+    # the robustness evaluation finds the last weights by name beside the average
+    from training import robustness
+
+    runs = tmp_path / "loo"
+    (runs / "3Dircadb1.17").mkdir(parents=True)
+    (runs / "3Dircadb1.17" / "avg").symlink_to(tmp_path / "run")
+    found = robustness.loo_models(runs, ["avg", "avg/last"], "cpu")
+    assert sorted(found) == ["avg", "avg/last"] and found["avg/last"][0][1] == "3Dircadb1.17"
+
+
 @pytest.mark.skipif(
     shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun not installed"
 )
@@ -351,7 +436,7 @@ def test_report_is_written_from_runs(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("epocs=5", "unknown config key 'epocs'; known keys: augment, base"),
+        ("epocs=5", "unknown config key 'epocs'; known keys: augment, average_from, base"),
         ("augment.nosie=0.1", "unknown config key 'augment.nosie'; known keys in augment: brightness"),
         ("epochs=5.5", "config key 'epochs' must be int (like 30), got 5.5"),
         ("epochs=true", "config key 'epochs' must be int"),

@@ -181,10 +181,12 @@ def clean_models(runs: Path, names: list[str]) -> list[str]:
 
 
 def loo_models(runs: Path, experiments: list[str], device: str) -> dict[str, list[tuple[object, str]]]:
-    """Each experiment's fold models under ``runs/<patient>/<experiment>/model.json``, with their test patient."""
+    """Each experiment's fold models under ``runs/<patient>/<experiment>/model.json``, with their test patient.
+    An experiment named ``<experiment>/last`` is a weight-averaged run's last weights (``average_from``)."""
     found: dict[str, list] = {}
-    for card in sorted(runs.glob("*/*/model.json")):
-        experiment = card.parent.name
+    kept = [card for e in experiments if "/" in e for card in runs.glob(f"*/{e}/model.json")]
+    for card in sorted(runs.glob("*/*/model.json")) + sorted(kept):
+        experiment = "/".join(card.relative_to(runs).parts[1:-1])
         if (experiments and experiment not in experiments) or experiment.startswith("bone"):
             continue
         model = load_model(card, device=device)
@@ -239,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--runs", type=Path, help="leave-one-out runs folder (runs/<patient>/<experiment>/)")
     source.add_argument("--model", type=Path, help="a model card (.json) to score on --patients")
-    parser.add_argument("--experiments", nargs="*", default=[], help="with --runs: only these experiments")
+    parser.add_argument(
+        "--experiments",
+        nargs="*",
+        default=[],
+        help="with --runs: only these experiments (EXP/last: a weight-averaged run's last weights)",
+    )
     parser.add_argument(
         "--ensemble",
         nargs="*",

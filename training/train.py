@@ -9,7 +9,8 @@ A config file is one experiment (``extends`` another to inherit); ``--set epochs
 plan.spacing_mm=2.0`` overrides values. Each epoch logs the training loss and, on the test
 patients' slices, loss, Dice and pixel accuracy; the end of the run evaluates the test patients in
 3D on their original grid with the product's own inference and postprocessing and saves
-``model.json`` + ``model.safetensors`` (install it as the bundled model with ``python -m training.export``).
+``model.json`` + ``model.safetensors`` (install it as the bundled model with ``python -m training.export``);
+with ``average_from``, the average of the weights over the last epochs, and the last weights in ``last/``.
 A checkpoint is written every epoch; ``--resume`` continues from it.
 """
 
@@ -476,11 +477,102 @@ def evaluate(model: LoadedModel, patients: list[IrcadbPatient], keys: list[str],
     return out
 
 
+class WeightAverage:
+    """Stochastic weight averaging (Izmailov et al., 2018): the mean of the network's parameters at the end
+    of the epochs from ``start`` on. The average of the weights along the end of the trajectory lies in a
+    wider, flatter region of the loss than the last weights, and a flat region is what keeps holding when
+    the input shifts (another hospital, another contrast phase: Cha et al., 2021, SWAD). Batch-norm
+    statistics are not averaged: they are measured again for the averaged weights
+    (:func:`measure_batch_norm`)."""
+
+    def __init__(self, net: UNet2D, start: int):
+        self.start = start
+        self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in net.named_parameters()}
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, net: UNet2D, epoch: int) -> None:
+        if epoch >= self.start:
+            for n, p in net.named_parameters():
+                self.sums[n] += p.detach().float()
+            self.count += 1
+
+    @torch.no_grad()
+    def apply(self, net: UNet2D) -> None:
+        """Put the averaged weights into ``net``."""
+        if not self.count:
+            raise ValueError(f"no epoch from {self.start} on was averaged")
+        for n, p in net.named_parameters():
+            p.copy_((self.sums[n] / self.count).to(p.dtype))
+
+
+def averaging_start(cfg: dict) -> int:
+    """The first epoch whose weights enter the average (``average_from`` share of the epochs done); 0: off."""
+    share = cfg["average_from"]
+    if not share:
+        return 0
+    if not 0 < share < 1:
+        raise SystemExit(f"average_from is {share}; give a share of the epochs between 0 and 1 (0: off)")
+    return int(cfg["epochs"] * share) + 1
+
+
+@torch.no_grad()
+def measure_batch_norm(net: UNet2D, batches, autocast, device: str) -> int:
+    """Batch-norm statistics measured afresh on ``batches`` of training images (their plain mean over all of
+    them), for weights that were never trained as they are (an average); layers that do not train (a frozen
+    encoder) keep theirs. Returns how many layers were measured."""
+    norms = [
+        m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and all(p.requires_grad for p in m.parameters())
+    ]
+    momenta = [m.momentum for m in norms]
+    net.eval()  # every other layer as at inference
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative mean
+        m.train()
+    for x in batches:
+        x = x.to(device)
+        with autocast:
+            net(x.contiguous(memory_format=torch.channels_last) if device == "cpu" else x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net.eval()
+    return len(norms)
+
+
+def save_run_model(net, out: Path, cfg: dict, keys: list[str], plan: Plan, test, device: str, provenance: dict) -> dict:
+    """Evaluate ``net`` on the test patients in 3D (:func:`evaluate`), save it as ``out/model.json`` with
+    ``provenance`` and those metrics (``held_out_metrics``); returns the metrics."""
+    net.eval()
+    structures = [CATALOGUE[k] for k in keys]
+    card = {
+        "model_id": cfg["name"],
+        "architecture": {"out_channels": len(keys)},
+        "structures": [s.to_card() for s in structures],
+    }
+    final = evaluate(LoadedModel(net, plan, card, out), test, keys, device) if test else {}
+    for name, m in final.items():
+        log.info("%s 3D: %s", name, json.dumps(m))
+    rest = {k: v for k, v in provenance.items() if k != "command"}
+    saved = save_model(
+        net,
+        plan,
+        out / "model",
+        model_id=f"{cfg['organ']}-unet2d-{cfg['name']}",
+        structures=structures,
+        provenance={**rest, "held_out_metrics": final, "command": provenance["command"]},
+    )
+    log.info("saved %s", saved)
+    return final
+
+
 # -- checkpoints (safetensors + JSON; nothing is pickled) -------------------------------------
 
 
-def save_checkpoint(path: Path, net, opt, sched, epoch: int, history: list, rng, gen) -> None:
-    """Model, optimizer moments, scheduler step, RNG states and history after ``epoch``."""
+def save_checkpoint(
+    path: Path, net, opt, sched, epoch: int, history: list, rng, gen, average: WeightAverage | None = None
+) -> None:
+    """Model, optimizer moments, scheduler step, RNG states, history and weight average after ``epoch``."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
@@ -489,6 +581,8 @@ def save_checkpoint(path: Path, net, opt, sched, epoch: int, history: list, rng,
         for key, value in opt.state.get(p, {}).items():
             tensors[f"opt.{i}.{key}"] = value.detach().reshape(value.shape).contiguous()
     tensors["rng.torch"] = gen.get_state()
+    if average is not None and average.count:
+        tensors.update({f"average.{k}": v.contiguous() for k, v in average.sums.items()})
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path.with_suffix(".safetensors"))
@@ -497,11 +591,12 @@ def save_checkpoint(path: Path, net, opt, sched, epoch: int, history: list, rng,
         "scheduler": sched.state_dict(),
         "history": history,
         "rng_numpy": rng.bit_generator.state,
+        "average_count": average.count if average is not None else 0,
     }
     path.with_suffix(".json").write_text(json.dumps(meta))
 
 
-def load_checkpoint(path: Path, net, opt, sched, rng, gen) -> tuple[int, list]:
+def load_checkpoint(path: Path, net, opt, sched, rng, gen, average: WeightAverage | None = None) -> tuple[int, list]:
     """Restore what :func:`save_checkpoint` wrote; returns (last epoch, history)."""
     from safetensors.torch import load_file
 
@@ -516,6 +611,9 @@ def load_checkpoint(path: Path, net, opt, sched, rng, gen) -> tuple[int, list]:
     sched.load_state_dict(meta["scheduler"])
     rng.bit_generator.state = meta["rng_numpy"]
     gen.set_state(tensors["rng.torch"])
+    if average is not None and meta.get("average_count"):
+        average.sums = {k[8:]: v for k, v in tensors.items() if k.startswith("average.")}
+        average.count = meta["average_count"]
     return meta["epoch"], meta["history"]
 
 
@@ -662,10 +760,22 @@ def main(argv: list[str] | None = None) -> int:
     autocast, precision = autocast_for(device)
     checkpoint = out / "checkpoint"
     start_epoch, history = 0, []
+    average = WeightAverage(net, averaging_start(cfg)) if cfg["average_from"] else None
     if args.resume and checkpoint.with_suffix(".json").exists():
-        start_epoch, history = load_checkpoint(checkpoint, net, opt, sched, rng, gen)
+        start_epoch, history = load_checkpoint(checkpoint, net, opt, sched, rng, gen, average)
         log.info("resumed after epoch %d", start_epoch)
     t_train = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+
+    def next_batch(step: int, mine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The augmented batch of this rank's ``step``-th group of samples (of the order ``mine``)."""
+        batch = [samples[i] for i in mine[step * per_batch : (step + 1) * per_batch]]
+        if extra is not None:  # drawn for every rank from the shared generator, each rank takes its row
+            picks = rng.integers(0, extra.images.shape[0], (world, cfg["batch_size"] - per_batch))[rank]
+            batch += [(len(train) - 1, int(k)) for k in picks]
+        x, y, available = make_batch(train, batch, plan, cfg["crop"], rng, cfg["augment"], contrast_only)
+        x, y = augment(x, y, cfg["augment"], gen)
+        return x, y, available
+
     for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
         set_train_mode(net, cfg)
         order = rng.permutation(len(samples))
@@ -673,16 +783,13 @@ def main(argv: list[str] | None = None) -> int:
         losses = []
         steps = tqdm(range(steps_per_epoch), f"epoch {epoch}", leave=False, disable=None if rank == 0 else True)
         for step in steps:
-            batch = [samples[i] for i in mine[step * per_batch : (step + 1) * per_batch]]
-            if extra is not None:  # drawn for every rank from the shared generator, each rank takes its row
-                picks = rng.integers(0, extra.images.shape[0], (world, cfg["batch_size"] - per_batch))[rank]
-                batch += [(len(train) - 1, int(k)) for k in picks]
-            x, y, available = make_batch(train, batch, plan, cfg["crop"], rng, cfg["augment"], contrast_only)
-            x, y = augment(x, y, cfg["augment"], gen)
+            x, y, available = next_batch(step, mine)
             losses.append(train_step(ddp, opt, sched, (x, y, available), autocast, device, cfg["extra_weight"]))
         if world > 1:  # batch-norm statistics are per process; keep rank 0's everywhere, as it is saved
             for buffer in net.buffers():
                 dist.broadcast(buffer, 0)
+        if average is not None:
+            average.add(net, epoch)
         row = {
             "epoch": epoch,
             "loss": float(np.mean(losses)),
@@ -701,24 +808,12 @@ def main(argv: list[str] | None = None) -> int:
                 {k: round(v, 4) for k, v in row.get("val", {}).items()},
                 row["seconds"],
             )
-            save_checkpoint(checkpoint, net, opt, sched, epoch, history, rng, gen)
+            save_checkpoint(checkpoint, net, opt, sched, epoch, history, rng, gen, average)
             (out / "history.json").write_text(json.dumps(history, indent=1))
 
-    if world > 1:
-        (out / f"rank{rank}.sha256").write_text(state_digest(net))
-        dist.barrier()
-    if rank == 0:
-        net.eval()
-        structures = [CATALOGUE[k] for k in keys]
-        card = {
-            "model_id": cfg["name"],
-            "architecture": {"out_channels": len(keys)},
-            "structures": [s.to_card() for s in structures],
-        }
-        final = evaluate(LoadedModel(net, plan, card, out), test, keys, device) if test else {}
-        for name, m in final.items():
-            log.info("%s 3D: %s", name, json.dumps(m))
-        provenance = {
+    def provenance_of(more: dict) -> dict:
+        """What the saved model's card says of how it was made (its held-out metrics are added on saving)."""
+        return {
             "data": "3D-IRCADb-01, IRCAD France"
             + ("; Medical Segmentation Decathlon Task03 Liver (LiTS), CC BY-SA 4.0" if extra is not None else ""),
             "organ": cfg["organ"],
@@ -735,20 +830,46 @@ def main(argv: list[str] | None = None) -> int:
             "device": device,
             "train_seconds": round(history[-1]["seconds"], 1),
             "machine": machine(),
-            "held_out_metrics": final,
+            **more,
             "command": " ".join(
                 ["python -m training.train", _relative(args.config), *[f"--set '{s}'" for s in args.set]]
             ),
         }
-        card = save_model(
+
+    last_metrics = None
+    if average is not None:  # the last weights are kept beside the average, to compare the two
+        if rank == 0:
+            last_metrics = save_run_model(net, out / "last", cfg, keys, plan, test, device, provenance_of({}))
+        average.apply(net)
+        measured = measure_batch_norm(
             net,
-            plan,
-            out / "model",
-            model_id=f"{cfg['organ']}-unet2d-{cfg['name']}",
-            structures=structures,
-            provenance=provenance,
+            (next_batch(s, rng.permutation(len(samples))[rank::world])[0] for s in range(steps_per_epoch)),
+            autocast,
+            device,
         )
-        log.info("saved %s", card)
+        if world > 1:
+            for buffer in net.buffers():
+                dist.broadcast(buffer, 0)
+        log.info(
+            "averaged the weights of %d epochs from epoch %d on; %d batch-norm layers measured again",
+            average.count,
+            average.start,
+            measured,
+        )
+    if world > 1:
+        (out / f"rank{rank}.sha256").write_text(state_digest(net))
+        dist.barrier()
+    if rank == 0:
+        save_run_model(
+            net,
+            out,
+            cfg,
+            keys,
+            plan,
+            test,
+            device,
+            provenance_of({"held_out_metrics_last_weights": last_metrics} if last_metrics is not None else {}),
+        )
     if world > 1:
         dist.destroy_process_group()
     return 0
