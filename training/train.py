@@ -841,9 +841,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             last_metrics = save_run_model(net, out / "last", cfg, keys, plan, test, device, provenance_of({}))
         average.apply(net)
+        order = rng.permutation(len(samples))[rank::world]  # one more epoch of training batches, not trained on
         measured = measure_batch_norm(
             net,
-            (next_batch(s, rng.permutation(len(samples))[rank::world])[0] for s in range(steps_per_epoch)),
+            (next_batch(s, order)[0] for s in range(steps_per_epoch)),
             autocast,
             device,
         )
