@@ -195,3 +195,23 @@ def test_catalog_entry_is_formatted_as_the_index_lint_wants(tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
     (work / "bad.json").write_text('{\n  "build_dependencies": ["PyTorch"]\n}\n')  # what the index's lint rewrites
     assert _run_prettier(folder, work, "bad.json").returncode == 1
+
+
+def test_a_clone_with_its_history_stays_under_the_index_size_limit(tmp_path):
+    """The index clones the whole repository (``scm_revision`` set) and counts every file, ``.git`` included,
+    against its limit: measured on a real clone of the committed history, not on the working tree alone.
+    The default model's weights stay within the budget that keeps it so (``DEFAULT_WEIGHTS_BUDGET_MB``)."""
+    from LiverSegUNetLib.weights import DEFAULT_MODEL
+
+    from training.experiments import DEFAULT_WEIGHTS_BUDGET_MB
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the committed history cannot be cloned")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--no-local", str(ROOT), str(clone)], check=True, timeout=300)
+    checker = _load_checker(tmp_path)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        checker.check_repository_size("LiverSegUNet", {}, cloned_repository_folder=str(clone))
+    assert ":white_check_mark: Repository size" in out.getvalue(), out.getvalue()
+    assert DEFAULT_MODEL.with_suffix(".safetensors").stat().st_size <= DEFAULT_WEIGHTS_BUDGET_MB * 1e6

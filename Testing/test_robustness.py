@@ -119,6 +119,31 @@ def test_low_dose_adds_the_stated_noise_reproducibly(patient):
     assert abs(diff.mean()) < 1 and diff.std() == pytest.approx(appearance.LOW_DOSE_NOISE_HU, rel=0.08)
 
 
+def test_sharp_kernel_raises_fine_detail_in_plane_and_keeps_levels_and_geometry(patient):
+    """The sharp-kernel variant keeps every organ's level and the grid, triples the pixel-scale noise inside
+    the liver and never mixes slices."""
+    p = patient("3Dircadb1.17")
+    ct, liver = p.ct, appearance.masks_of(p)["liver"].astype(bool)
+    sharp = appearance.sharp_kernel(ct)
+    assert sharp.shape == ct.shape and sharp.spacing_mm == ct.spacing_mm
+    np.testing.assert_allclose(sharp.origin_lps, ct.origin_lps)
+
+    def fine(a):  # each pixel minus the mean of its 3x3 neighbourhood, inside the liver away from its border
+        a = a.astype(np.float32)
+        local = sum(np.roll(a, (i, j), (1, 2)) for i in (-1, 0, 1) for j in (-1, 0, 1)) / 9
+        return (a - local)[liver & np.roll(liver, 8, 1) & np.roll(liver, -8, 1) & np.roll(liver, 8, 2)]
+
+    assert abs(float(np.median(sharp.array[liver])) - float(np.median(ct.array[liver]))) <= 2
+    assert 2.5 < fine(sharp.array).std() / fine(ct.array).std() < 3.5
+    one = Volume(np.zeros((5, 32, 32), np.int16), (0.7, 0.7, 1.6))
+    one.array[2, 16, 16] = 1000
+    spread = appearance.sharp_kernel(one).array
+    assert spread[2, 16, 16] > 1000 and spread[2, 16, 17] < 0  # overshoot and a dark rim, as sharp kernels show
+    assert not spread[[0, 1, 3, 4]].any()  # in plane only
+    flat = Volume(np.full((3, 16, 16), 60, np.int16), (0.7, 0.7, 1.6))
+    np.testing.assert_array_equal(appearance.sharp_kernel(flat).array, flat.array)
+
+
 def test_training_samples_blend_the_unenhanced_slices_and_average_slabs(patient):
     from LiverSegUNetLib.preprocess import Plan
 
@@ -265,6 +290,17 @@ def test_robustness_scores_fold_ensembles(ircadb_root, tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "**a**\n" in table and "**b** †\n" in table and "**ensemble:a+b** †\n" in table
     assert "† Scored with fold models trained before runs left out" in table
+    # a model scored on another condition keeps its earlier one; the others stay as they were
+    other = ["--conditions", "native", "--data", str(ircadb_root.parent)]
+    proc = _robustness(*args[:2], "--experiments", "a", *other, "-o", str(out), "--merge")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(out.read_text())
+    assert again["conditions"] == ["native", "thick_5mm"] and set(again["results"]["a"]) == {"native", "thick_5mm"}
+    assert again["results"]["a"]["thick_5mm"] == merged["results"]["a"]["thick_5mm"]
+    assert again["results"]["b"] == merged["results"]["b"] and again["clean"] == ["a"]
+    assert again["results"]["a"]["native"]["3Dircadb1.17"] > 0.8
+    b_table = out.with_suffix(".md").read_text().split("**b** †\n", 1)[1].split("**", 1)[0]
+    assert "| thick_5mm |" in b_table and "| native |" not in b_table
     proc = _robustness("--runs", str(tmp_path / "runs"), "--ensemble", "a+c", *common)
     assert proc.returncode != 0 and "no fold" in proc.stderr and "'c'" in proc.stderr
 

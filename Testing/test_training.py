@@ -521,6 +521,83 @@ def test_the_shipped_recipe_trades_a_little_native_dice_for_a_better_worst_condi
     assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_msd_half"
 
 
+def test_the_final_stage_weighs_a_recipe_by_all_its_runs(tmp_path):
+    """A recipe rerun with another seed is judged on the mean of its runs, native and per condition; its
+    card keeps its own run's metrics."""
+    from training import experiments
+
+    def fold(exp, patient, value):
+        card = tmp_path / patient / exp / "model.json"
+        card.parent.mkdir(parents=True)
+        card.write_text(json.dumps({"provenance": {"held_out_metrics": {patient: {"dice": value}}}}))
+
+    for patient, robust, deep, deep_rerun in [("p1", 0.92, 0.95, 0.90), ("p2", 0.90, 0.93, 0.88)]:
+        fold("liver_robust", patient, robust)
+        fold("liver_deep", patient, deep)
+        fold("liver_deep_seed1", patient, deep_rerun)
+    native, robust = experiments.recipe_means(tmp_path)
+    assert native == pytest.approx({"liver_robust": 0.91, "liver_deep": 0.915}) and robust == {}
+    assert experiments.best_liver_experiment(tmp_path)[1] == {"p1": {"dice": 0.95}, "p2": {"dice": 0.93}}
+    conditions = {
+        "liver_robust": {"native": {"p1": 0.92, "p2": 0.90}, "unenhanced": {"p1": 0.88, "p2": 0.86}},
+        "liver_deep": {"native": {"p1": 0.95, "p2": 0.93}, "unenhanced": {"p1": 0.90, "p2": 0.90}},
+        "liver_deep_seed1": {"native": {"p1": 0.90, "p2": 0.88}, "unenhanced": {"p1": 0.82, "p2": 0.84}},
+    }
+    # deep's worst condition is unenhanced averaged over its two runs (0.865), not its first run's (0.90)
+    assert experiments.recipe_means(tmp_path, conditions)[1] == pytest.approx(
+        {"liver_robust": 0.87, "liver_deep": 0.865}
+    )
+    assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_robust"
+    conditions["liver_robust"]["sharp_kernel"] = {"p1": 0.5, "p2": 0.5}  # a condition the others lack: not compared
+    assert experiments.recipe_means(tmp_path, conditions)[1]["liver_robust"] == pytest.approx(0.87)
+    del conditions["liver_deep_seed1"]  # the rerun not scored on the conditions: the first run's alone
+    assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_deep"
+    # a network too large for the extension's size budget is never the default, however it scores
+    for patient in ("p1", "p2"):
+        card = tmp_path / patient / "liver_deep" / "model.json"
+        architecture = {"name": "UNet2D", "in_channels": 3, "out_channels": 1, "base": 16, "depth": 5}
+        card.write_text(json.dumps(json.loads(card.read_text()) | {"architecture": architecture}))
+    assert experiments.weights_mb(tmp_path, "liver_deep") == pytest.approx(15.56, abs=0.01)
+    assert experiments.weights_mb(tmp_path, "liver_deep") > experiments.DEFAULT_WEIGHTS_BUDGET_MB
+    assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_robust"
+
+
+def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_else(tmp_path, monkeypatch):
+    """``--stage final_default`` retrains (here: finds finished) the recipe the rule picks over all its runs
+    and installs it as the default model, its card holding that run's tables and the command; the structures
+    and accurate models are left alone."""
+    from LiverSegUNetLib import weights
+
+    from training import experiments
+
+    data, runs, results = tmp_path / "data", tmp_path / "runs" / "loo", tmp_path / "results"
+    table = {}
+    for patient, robust, deep, rerun in [("3Dircadb1.1", 0.93, 0.95, 0.94), ("3Dircadb1.7", 0.90, 0.91, 0.90)]:
+        (data / "3Dircadb1" / patient / "PATIENT_DICOM").mkdir(parents=True)
+        for exp, value in [("liver_robust", robust), ("liver_deep", deep), ("liver_deep_seed1", rerun)]:
+            card = runs / patient / exp / "model.json"
+            card.parent.mkdir(parents=True)
+            card.write_text(json.dumps({"provenance": {"held_out_metrics": {patient: {"dice": value}}}}))
+            table.setdefault(exp, {"native": {}, "unenhanced": {}})["native"][patient] = value
+            table[exp]["unenhanced"][patient] = value - 0.03
+    results.mkdir()
+    (results / "robustness.json").write_text(json.dumps({"results": table}))
+    net = train.UNet2D(3, 1, base=4, depth=3).eval()
+    save_model(net, Plan(multiple=8), tmp_path / "runs" / "final" / "liver_deep" / "model", model_id="d")
+    for name in ("DEFAULT_MODEL", "STRUCTURES_MODEL", "ACCURATE_MODEL"):
+        monkeypatch.setattr(weights, name, tmp_path / f"{name.lower()}.json")
+    argv = ["--stage", "final_default", "--data", str(data), "--runs", str(runs), "--results", str(results)]
+    assert experiments.main(argv) == 0
+    card = load_model(weights.DEFAULT_MODEL).card
+    provenance = card["provenance"]
+    assert card["model_id"] == "liver-unet2d-liver_deep-all"
+    assert provenance["leave_one_out_metrics"] == {"3Dircadb1.1": {"dice": 0.95}, "3Dircadb1.7": {"dice": 0.91}}
+    assert provenance["robustness_dice"] == table["liver_deep"]
+    assert "robustness" in provenance["chosen_as"] and "liver_deep_seed1" in provenance["chosen_as"]
+    assert provenance["command"].startswith("python -m training.experiments --stage final_default")
+    assert not weights.STRUCTURES_MODEL.exists() and not weights.ACCURATE_MODEL.exists()
+
+
 def test_loss_ignores_structures_a_patient_has_no_mask_for():
     dice_bce_loss = train.dice_bce_loss
 

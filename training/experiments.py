@@ -6,6 +6,7 @@
     python -m training.experiments --stage final   # retrain the best liver experiment, the multi-structure
                                                    # recipe and the accurate ensemble's members on all
                                                    # patients, bundle them
+    python -m training.experiments --stage final_default   # only the default liver model
     python -m training.report                      # only regenerate RESULTS.md and the plots
 
 Every patient folder found under <data>/3Dircadb1 is a fold: it is the test patient, the others
@@ -60,6 +61,7 @@ EXPERIMENTS = [
     "liver_robust_thick",
     "liver_robust_thick_avg",
     "liver_deep",
+    "liver_deep_seed1",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
@@ -78,6 +80,7 @@ REPLICATES = {
     "liver_elastic_seed1": "liver_elastic",
     "liver_varied_seed1": "liver_varied",
     "liver_robust_seed1": "liver_robust",
+    "liver_deep_seed1": "liver_deep",
 }
 #: Experiments sized for a GPU (python -m training.slot sweep, then slot score brings the fold models here):
 #: the LOO stage runs them only when named with --only; once their fold runs exist they compete as any other.
@@ -150,13 +153,14 @@ def loo(data: Path, runs: Path, extra: list[str], only: list[str]) -> None:
 NATIVE_TOLERANCE = 0.01
 
 
-def loo_scores(runs: Path) -> dict[str, dict]:
+def loo_scores(runs: Path, experiments: list[str] | None = None) -> dict[str, dict]:
     """Per liver experiment finished in every fold, its held-out metrics per patient (an experiment with a
     fold still to run is left out: a mean over fewer patients is not comparable; so is one with a run that
-    trained on its held-out patient's own extra 2D slices, ``overlap.saw_own_slices``)."""
+    trained on its held-out patient's own extra 2D slices, ``overlap.saw_own_slices``). ``experiments``:
+    which to look for (default the candidates to ship, ``LIVER``)."""
     folds = [f for f in runs.iterdir() if f.is_dir()] if runs.is_dir() else []
     scores = {}
-    for exp in LIVER:
+    for exp in LIVER if experiments is None else experiments:
         cards = [f / exp / "model.json" for f in folds]
         if not folds or not all(c.exists() for c in cards):
             continue
@@ -176,22 +180,74 @@ def worst_condition(per_condition: dict[str, dict[str, float]]) -> tuple[str, fl
     return worst, means[worst]
 
 
+def runs_of(exp: str) -> list[str]:
+    """``exp`` and its reruns with other seeds (``REPLICATES``)."""
+    return [exp] + [r for r, base in REPLICATES.items() if base == exp]
+
+
+def recipe_means(runs: Path, robustness: dict | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Per candidate recipe, its mean leave-one-out Dice and its worst robustness condition's mean, each over
+    the recipe's runs found finished (itself and its seed reruns): one run's luck weighs less where a recipe
+    was run twice. A condition's mean is averaged over the runs scored on it before the worst is taken, and
+    only the conditions every scored candidate run has are compared."""
+    scores = loo_scores(runs, [r for e in LIVER for r in runs_of(e)])
+    done = {e: [r for r in runs_of(e) if r in scores] for e in LIVER if e in scores}
+    native = {
+        e: sum(sum(m["dice"] for m in scores[r].values()) / len(scores[r]) for r in rs) / len(rs)
+        for e, rs in done.items()
+    }
+    scored = {e: [robustness[r] for r in rs if robustness and r in robustness] for e, rs in done.items()}
+    scored = {e: tables for e, tables in scored.items() if tables}
+    if not scored:
+        return native, {}
+    shared = set.intersection(*(set(c for c, v in t.items() if v) for tables in scored.values() for t in tables))
+    robust = {
+        e: min(sum(sum(t[c].values()) / len(t[c]) for t in tables) / len(tables) for c in shared)
+        for e, tables in scored.items()
+    }
+    return native, robust
+
+
+#: The default model's float16 weights may take this much (MB). The Slicer Extensions Index refuses a repository
+#: whose clone, history included, exceeds 100 MB, and every default model shipped stays in the history: at 3.9 MB
+#: (1.9 M parameters) a new default costs the clone about 4 MB; a 7.8 M-parameter network (15.6 MB) would take
+#: it past the limit.
+DEFAULT_WEIGHTS_BUDGET_MB = 5.0
+
+
+def weights_mb(runs: Path, exp: str) -> float:
+    """The float16 size (MB) of ``exp``'s network as its fold cards describe it; 0 for a card without one."""
+    from LiverSegUNetLib.weights import build_network
+
+    cards = sorted(runs.glob(f"*/{exp}/model.json"))
+    architecture = json.loads(cards[0].read_text()).get("architecture") if cards else None
+    if not architecture:
+        return 0.0
+    return sum(p.numel() for p in build_network(architecture).parameters()) * 2 / 1e6
+
+
 def best_liver_experiment(runs: Path, robustness: dict | None = None) -> tuple[str, dict]:
-    """The liver experiment to ship, and its per-patient leave-one-out metrics.
+    """The liver experiment to ship, and its per-patient leave-one-out metrics (of its own run, not its reruns).
 
     By mean leave-one-out Dice; where robustness results exist for the candidates, the one with the
-    best worst-condition mean among those within ``NATIVE_TOLERANCE`` of the best native mean.
+    best worst-condition mean among those within ``NATIVE_TOLERANCE`` of the best native mean. Both
+    means are over the recipe's runs (``recipe_means``). A recipe whose network is larger than
+    ``DEFAULT_WEIGHTS_BUDGET_MB`` is not a candidate.
     """
-    scores = loo_scores(runs)
-    if not scores:
-        raise SystemExit(f"no finished leave-one-out runs under {runs}; run --stage loo first")
-    native = {e: sum(m["dice"] for m in scores[e].values()) / len(scores[e]) for e in scores}
+    native, robust = recipe_means(runs, robustness)
+    too_large = {e for e in native if weights_mb(runs, e) > DEFAULT_WEIGHTS_BUDGET_MB}
+    native = {e: v for e, v in native.items() if e not in too_large}
+    robust = {e: v for e, v in robust.items() if e not in too_large}
+    if not native:
+        raise SystemExit(
+            f"no finished leave-one-out runs under {runs} within {DEFAULT_WEIGHTS_BUDGET_MB} MB of weights "
+            f"(too large: {sorted(too_large)}); run --stage loo first"
+        )
     best = max(native, key=native.get)
-    robust = {e: worst_condition(robustness[e])[1] for e in scores if robustness and e in robustness}
     close = [e for e in robust if native[e] >= native[best] - NATIVE_TOLERANCE]
     if close:
         best = max(close, key=robust.get)
-    return best, scores[best]
+    return best, loo_scores(runs, [best])[best]
 
 
 def run_robustness(data: Path, runs: Path, out: Path) -> dict:
@@ -203,7 +259,7 @@ def run_robustness(data: Path, runs: Path, out: Path) -> dict:
     return json.loads(out.read_text())["results"]
 
 
-def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Path:
+def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, command: str = "--stage final") -> Path:
     """Retrain the best liver experiment on every patient and install it as the bundled model.
 
     Its card keeps the leave-one-out metrics and, when ``robustness_file`` exists, the robustness
@@ -213,6 +269,10 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
 
     robustness = json.loads(robustness_file.read_text())["results"] if robustness_file.exists() else None
     best, loo_metrics = best_liver_experiment(runs, robustness)
+    finished = loo_scores(runs, [r for e in LIVER for r in runs_of(e)])
+    reruns = {e: [r for r in runs_of(e) if r in finished] for e in LIVER if e in finished}
+    reruns = {e: rs for e, rs in reruns.items() if len(rs) > 1}
+    too_large = sorted(e for e in finished if e in LIVER and weights_mb(runs, e) > DEFAULT_WEIGHTS_BUDGET_MB)
     patients = find_patients(data)
     model = load_model(train_final(best, data, runs, extra))
     network, structures = model.network, model.structures
@@ -222,6 +282,8 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
         **model.card["provenance"],
         "chosen_as": (
             f"best mean leave-one-out Dice among {list(loo_scores(runs))} (liver experiments finished in every fold)"
+            + (f"; means over the runs {reruns}" if reruns else "")
+            + (f"; left out as larger than {DEFAULT_WEIGHTS_BUDGET_MB} MB of weights: {too_large}" if too_large else "")
             + (
                 f"; among those within {NATIVE_TOLERANCE} of it, the best worst robustness condition"
                 if robustness
@@ -230,7 +292,7 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path) -> Pa
         ),
         "leave_one_out_metrics": loo_metrics,
         **({"robustness_dice": robustness[best]} if robustness and best in robustness else {}),
-        "command": "python -m training.experiments --stage final",
+        "command": f"python -m training.experiments {command}".rstrip(),
     }
     card = save_model(
         network,
@@ -329,7 +391,12 @@ def final_structures(data: Path, runs: Path, extra: list[str], recipe: str = "li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["all", "loo", "robustness", "final", "report"], default="all")
+    parser.add_argument(
+        "--stage",
+        choices=["all", "loo", "robustness", "final", "final_default", "report"],
+        default="all",
+        help="final_default: only the default liver model (not the structures or accurate models)",
+    )
     parser.add_argument(
         "--data", type=Path, default=None, help="folder holding 3Dircadb1/ (default: $LIVERSEG_DATA or ../shared/data)"
     )
@@ -344,8 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     robustness_file = args.results / "robustness.json"
     if args.stage in ("all", "robustness"):
         run_robustness(data, args.runs, robustness_file)
+    if args.stage in ("all", "final", "final_default"):
+        final(
+            data, args.runs, args.set, robustness_file, " ".join(portable(argv if argv is not None else sys.argv[1:]))
+        )
     if args.stage in ("all", "final"):
-        final(data, args.runs, args.set, robustness_file)
         final_structures(data, args.runs, args.set)
         final_accurate(data, args.runs, args.set, robustness_file)
     if args.stage in ("all", "report"):

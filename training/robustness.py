@@ -1,7 +1,7 @@
 """Score liver models on held-out patients made to look like other CTs: thick slices, no contrast, low dose,
-another pixel size. Each variant goes through the product's own ``segment()`` on its own grid, and
-the Dice is taken against the expert mask carried to that grid. Run from the repository root with
-the project installed:
+another pixel size, a sharp reconstruction kernel. Each variant goes through the product's own
+``segment()`` on its own grid, and the Dice is taken against the expert mask carried to that grid. Run
+from the repository root with the project installed:
 
     python -m training.robustness --runs training/runs/loo                    # every leave-one-out fold's model
     python -m training.robustness --runs training/runs/loo --experiments liver_scratch_msd
@@ -80,6 +80,11 @@ CONDITIONS: dict[str, tuple[str, Variant]] = {
     ),
     "pixel_1.0mm": ("1.0 mm pixels (resampled over the same field of view)", _pixels(1.0)),
     "pixel_0.6mm": ("0.6 mm pixels (resampled over the same field of view)", _pixels(0.6)),
+    "sharp_kernel": (
+        f"a sharp reconstruction kernel (in-plane unsharp masking, {appearance.SHARP_AMOUNT:g} x the detail finer "
+        f"than {appearance.SHARP_SIGMA_MM:g} mm: about 3 x the noise)",
+        lambda ct, liver, masks, rng: (appearance.sharp_kernel(ct), liver),
+    ),
 }
 
 
@@ -146,7 +151,7 @@ def table(results: dict, conditions: list[str], note: str = "", marked: set[str]
             "| condition | " + " | ".join(patients) + " | mean | worst |",
             "|---" * (len(patients) + 3) + "|",
         ]
-        for condition in conditions:
+        for condition in (c for c in conditions if c in per_condition):
             values = [per_condition[condition].get(p) for p in patients]
             found = [v for v in values if v is not None]
             cells = [f"{v:.3f}" if v is not None else "" for v in values]
@@ -268,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here and a .md table beside it")
     parser.add_argument(
-        "--merge", action="store_true", help="keep the other models already in --output (same conditions only)"
+        "--merge",
+        action="store_true",
+        help="keep what --output holds already: the other models, and the other conditions of the models scored",
     )
     args = parser.parse_args(argv)
 
@@ -310,12 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     clean = clean_models(args.runs, list(results)) if args.runs else list(results)
     if args.merge and args.output and args.output.exists():
         earlier = json.loads(args.output.read_text())
-        if earlier["conditions"] != conditions:
-            parser.error(f"--merge: {args.output} has conditions {earlier['conditions']}, not {conditions}")
+        # a model scored again keeps its other conditions; the file lists every condition any model has
+        results = {k: {**earlier["results"].get(k, {}), **v} for k, v in results.items()}
         kept = {k: v for k, v in earlier["results"].items() if k not in results}
         # an entry scored before the check is in no clean list: marked
         clean += [k for k in earlier.get("clean", []) if k in kept]
         results = {**kept, **results}
+        conditions = [c for c in CONDITIONS if c in {*earlier["conditions"], *conditions}]
         command = f"{earlier['command']}` then `{command}"
     text = table(results, conditions, note, set(results) - set(clean))
     print(text)
