@@ -60,6 +60,7 @@ EXPERIMENTS = [
     "liver_robust_avg",
     "liver_robust_thick",
     "liver_robust_thick_avg",
+    "liver_robust_thick_seed1",
     "liver_deep",
     "liver_deep_seed1",
     "bone_pretrain_final",
@@ -81,6 +82,7 @@ REPLICATES = {
     "liver_varied_seed1": "liver_varied",
     "liver_robust_seed1": "liver_robust",
     "liver_deep_seed1": "liver_deep",
+    "liver_robust_thick_seed1": "liver_robust_thick",
 }
 #: Experiments sized for a GPU (python -m training.slot sweep, then slot score brings the fold models here):
 #: the LOO stage runs them only when named with --only; once their fold runs exist they compete as any other.
@@ -226,6 +228,11 @@ def weights_mb(runs: Path, exp: str) -> float:
     return sum(p.numel() for p in build_network(architecture).parameters()) * 2 / 1e6
 
 
+def oversized(runs: Path, experiments) -> list[str]:
+    """Those of ``experiments`` whose network is above the default model's size budget."""
+    return sorted(e for e in experiments if weights_mb(runs, e) > DEFAULT_WEIGHTS_BUDGET_MB)
+
+
 def best_liver_experiment(runs: Path, robustness: dict | None = None) -> tuple[str, dict]:
     """The liver experiment to ship, and its per-patient leave-one-out metrics (of its own run, not its reruns).
 
@@ -235,13 +242,13 @@ def best_liver_experiment(runs: Path, robustness: dict | None = None) -> tuple[s
     ``DEFAULT_WEIGHTS_BUDGET_MB`` is not a candidate.
     """
     native, robust = recipe_means(runs, robustness)
-    too_large = {e for e in native if weights_mb(runs, e) > DEFAULT_WEIGHTS_BUDGET_MB}
+    too_large = oversized(runs, native)
     native = {e: v for e, v in native.items() if e not in too_large}
     robust = {e: v for e, v in robust.items() if e not in too_large}
     if not native:
         raise SystemExit(
             f"no finished leave-one-out runs under {runs} within {DEFAULT_WEIGHTS_BUDGET_MB} MB of weights "
-            f"(too large: {sorted(too_large)}); run --stage loo first"
+            f"(too large: {too_large}); run --stage loo first"
         )
     best = max(native, key=native.get)
     close = [e for e in robust if native[e] >= native[best] - NATIVE_TOLERANCE]
@@ -272,7 +279,7 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
     finished = loo_scores(runs, [r for e in LIVER for r in runs_of(e)])
     reruns = {e: [r for r in runs_of(e) if r in finished] for e in LIVER if e in finished}
     reruns = {e: rs for e, rs in reruns.items() if len(rs) > 1}
-    too_large = sorted(e for e in finished if e in LIVER and weights_mb(runs, e) > DEFAULT_WEIGHTS_BUDGET_MB)
+    too_large = oversized(runs, [e for e in LIVER if e in finished])
     patients = find_patients(data)
     model = load_model(train_final(best, data, runs, extra))
     network, structures = model.network, model.structures
