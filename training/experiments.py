@@ -187,13 +187,19 @@ def runs_of(exp: str) -> list[str]:
     return [exp] + [r for r, base in REPLICATES.items() if base == exp]
 
 
+def recipe_runs(runs: Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """Per candidate recipe finished in every fold, its finished runs (itself first, then its seed reruns), and
+    every such run's held-out metrics per patient (``loo_scores``)."""
+    scores = loo_scores(runs, [r for e in LIVER for r in runs_of(e)])
+    return {e: [r for r in runs_of(e) if r in scores] for e in LIVER if e in scores}, scores
+
+
 def recipe_means(runs: Path, robustness: dict | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Per candidate recipe, its mean leave-one-out Dice and its worst robustness condition's mean, each over
     the recipe's runs found finished (itself and its seed reruns): one run's luck weighs less where a recipe
     was run twice. A condition's mean is averaged over the runs scored on it before the worst is taken, and
     only the conditions every scored candidate run has are compared."""
-    scores = loo_scores(runs, [r for e in LIVER for r in runs_of(e)])
-    done = {e: [r for r in runs_of(e) if r in scores] for e in LIVER if e in scores}
+    done, scores = recipe_runs(runs)
     native = {
         e: sum(sum(m["dice"] for m in scores[r].values()) / len(scores[r]) for r in rs) / len(rs)
         for e, rs in done.items()
@@ -276,10 +282,9 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
 
     robustness = json.loads(robustness_file.read_text())["results"] if robustness_file.exists() else None
     best, loo_metrics = best_liver_experiment(runs, robustness)
-    finished = loo_scores(runs, [r for e in LIVER for r in runs_of(e)])
-    reruns = {e: [r for r in runs_of(e) if r in finished] for e in LIVER if e in finished}
-    reruns = {e: rs for e, rs in reruns.items() if len(rs) > 1}
-    too_large = oversized(runs, [e for e in LIVER if e in finished])
+    candidates, _ = recipe_runs(runs)
+    reruns = {e: rs for e, rs in candidates.items() if len(rs) > 1}
+    too_large = oversized(runs, candidates)
     patients = find_patients(data)
     model = load_model(train_final(best, data, runs, extra))
     network, structures = model.network, model.structures
@@ -288,7 +293,7 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
     provenance = {
         **model.card["provenance"],
         "chosen_as": (
-            f"best mean leave-one-out Dice among {list(loo_scores(runs))} (liver experiments finished in every fold)"
+            f"best mean leave-one-out Dice among {list(candidates)} (liver experiments finished in every fold)"
             + (f"; means over the runs {reruns}" if reruns else "")
             + (f"; left out as larger than {DEFAULT_WEIGHTS_BUDGET_MB} MB of weights: {too_large}" if too_large else "")
             + (
