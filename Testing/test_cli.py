@@ -110,11 +110,14 @@ def test_bad_input_clear_error_nothing_written(tmp_path, capsys, case, message):
 
 
 def test_corrupted_weights_exit_code_and_nothing_written(patient, ircadb_root, tmp_path, capsys):
-    card = json.loads(DEFAULT_MODEL.read_text())
-    shutil.copy(DEFAULT_MODEL, tmp_path / DEFAULT_MODEL.name)
-    data = bytearray((DEFAULT_MODEL.parent / card["weights_file"]).read_bytes())
+    from LiverSegUNetLib.weights import model_files
+
+    files = model_files(DEFAULT_MODEL)  # the card, then the weights it runs (its own, or an ensemble's it shares)
+    for f in files:
+        shutil.copy(f, tmp_path / f.name)
+    data = bytearray(files[-1].read_bytes())
     data[1000] ^= 0x10
-    (tmp_path / card["weights_file"]).write_bytes(bytes(data))
+    (tmp_path / files[-1].name).write_bytes(bytes(data))
     out = tmp_path / "out"
     code = main(
         ["segment", str(ircadb_root / TEST_PATIENT), "-o", str(out), "--model", str(tmp_path / DEFAULT_MODEL.name)]

@@ -178,7 +178,9 @@ def test_probe_pass_gives_the_same_mask_as_every_slice(patient, bundled_model, m
     monkeypatch.setattr(slicing, "PROBE_MM", 0.0)  # stride 1: every slice runs
     every = segment(ct, bundled_model, device="cpu", runtime=counting).mask.array
     assert probed.any() and sum(ran) == 70
-    assert probed_slices < 0.8 * 70
+    # slices 0-9 lie 17 or more slices (27 mm) from the liver: apart from the probes 0 and 5, they are skipped
+    # (a model may see a few liver pixels a stride or two beyond the expert's first slice; the range then grows)
+    assert probed_slices <= 70 - 8
     np.testing.assert_array_equal(probed, every)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from LiverSegUNetLib.volume import Volume
-from LiverSegUNetLib.weights import DEFAULT_MODEL
+from LiverSegUNetLib.weights import DEFAULT_MODEL, model_files
 
 from training import appearance
 
@@ -268,10 +268,12 @@ def test_robustness_scores_fold_ensembles(ircadb_root, tmp_path):
 
     fold = tmp_path / "runs" / "3Dircadb1.17"
     card = json.loads(DEFAULT_MODEL.read_text())
-    card["provenance"] = {**card["provenance"], "test_patients": ["3Dircadb1.17"], "extra_2d_slices": 638}
+    trained = {k: v for k, v in card["provenance"].items() if k != "extra_2d_left_out"}
+    card["provenance"] = {**trained, "test_patients": ["3Dircadb1.17"], "extra_2d_slices": 638}
     for experiment in ("a", "b"):
         (fold / experiment).mkdir(parents=True)
-        shutil.copy(DEFAULT_MODEL.with_suffix(".safetensors"), fold / experiment / card["weights_file"])
+        for f in model_files(DEFAULT_MODEL)[1:]:  # the weights the card runs (and an ensemble card it shares them with)
+            shutil.copy(f, fold / experiment / f.name)
         left_out = {"extra_2d_left_out": {"10067": "3Dircadb1.17"}} if experiment == "a" else {}
         (fold / experiment / "model.json").write_text(json.dumps({**card, "provenance": card["provenance"] | left_out}))
     out = tmp_path / "robustness.json"

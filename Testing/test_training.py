@@ -462,7 +462,8 @@ def test_every_experiment_config_is_valid_and_run_by_the_experiments():
 
 def test_the_report_question_is_asked_again_at_the_shipped_recipe():
     """The *_final transfer configs train with the shipped model's recipe: its window, augmentations and
-    extra slices (the bone source without the liver-only slices), only the organ, subset and start differ."""
+    extra slices (the bone source without the liver-only slices), only the organ, subset and start differ,
+    and the depth: they were run with four pooling levels, the shipped network has five (the README says so)."""
     shipped = json.loads((ROOT / "LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json").read_text())
     recipe = shipped["provenance"]["config"]
     # a key added after the card was trained has the default that trains as before
@@ -472,6 +473,8 @@ def test_the_report_question_is_asked_again_at_the_shipped_recipe():
         cfg = train.load_config(CONFIGS / f"{name}.toml")
         assert cfg["plan"] == recipe["plan"] and cfg["augment"] == augment, name
     assert train.load_config(CONFIGS / "liver_scratch_25_final.toml")["extra_2d"] == recipe["extra_2d"]
+    assert (cfg["depth"], recipe["depth"]) == (4, 5)
+    assert "differs from them only by its fifth pooling level" in (ROOT / "README.md").read_text().replace("\n", " ")
 
 
 def test_the_shipped_recipe_trades_a_little_native_dice_for_a_better_worst_condition(tmp_path):
@@ -559,7 +562,15 @@ def test_the_final_stage_weighs_a_recipe_by_all_its_runs(tmp_path):
         card.write_text(json.dumps(json.loads(card.read_text()) | {"architecture": architecture}))
     assert experiments.weights_mb(tmp_path, "liver_deep") == pytest.approx(15.56, abs=0.01)
     assert experiments.weights_mb(tmp_path, "liver_deep") > experiments.DEFAULT_WEIGHTS_BUDGET_MB
-    assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_robust"
+    from LiverSegUNetLib import weights
+
+    with pytest.MonkeyPatch.context() as patch:  # no accurate model bundled
+        patch.setattr(weights, "ACCURATE_MODEL", tmp_path / "absent.json")
+        assert experiments.bundled_member("liver_deep") is None
+        assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_robust"
+    # ... unless the bundled accurate model holds that network already: the default then shares it
+    assert experiments.bundled_member("liver_deep") == 1
+    assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_deep"
 
 
 def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_else(tmp_path, monkeypatch):
@@ -595,7 +606,32 @@ def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_el
     assert provenance["robustness_dice"] == table["liver_deep"]
     assert "robustness" in provenance["chosen_as"] and "liver_deep_seed1" in provenance["chosen_as"]
     assert provenance["command"].startswith("python -m training.experiments --stage final_default")
+    assert 0 <= provenance["sample_agreement"] <= 1  # scored on the sample CT (an untrained network here)
     assert not weights.STRUCTURES_MODEL.exists() and not weights.ACCURATE_MODEL.exists()
+
+    # the chosen network too large for its own file but bundled in the accurate model: a card that runs that
+    # member, and nothing trained
+    from LiverSegUNetLib.model import Ensemble
+
+    shutil.rmtree(tmp_path / "runs" / "final")
+    big = {"name": "UNet2D", "in_channels": 3, "out_channels": 1, "base": 16, "depth": 5}
+    for card in runs.glob("*/liver_deep*/model.json"):
+        card.write_text(json.dumps(json.loads(card.read_text()) | {"architecture": big}))
+    members = [train.UNet2D(3, 1, base=4, depth=2).eval(), train.UNet2D(3, 1, base=4, depth=3).eval()]
+    trained = [
+        {"config": {"name": n}, "train_patients": ["3Dircadb1.1", "3Dircadb1.7"], "test_patients": []}
+        for n in ("liver_robust", "liver_deep")
+    ]
+    save_model(
+        Ensemble(members), Plan(multiple=8), weights.ACCURATE_MODEL, model_id="e", provenance={"ensemble_of": trained}
+    )
+    assert experiments.main(argv) == 0
+    shared = load_model(weights.DEFAULT_MODEL)
+    assert shared.card["weights_of"] == {"card": weights.ACCURATE_MODEL.name, "member": 1}
+    assert shared.network.depth == 3 and not (tmp_path / "runs" / "final").exists()
+    assert shared.card["provenance"]["leave_one_out_metrics"] == provenance["leave_one_out_metrics"]
+    assert shared.card["provenance"]["train_patients"] == ["3Dircadb1.1", "3Dircadb1.7"]
+    assert "sample_agreement" in shared.card["provenance"] and "member 1" in shared.card["provenance"]["weights"]
 
 
 def test_loss_ignores_structures_a_patient_has_no_mask_for():

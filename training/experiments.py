@@ -234,9 +234,24 @@ def weights_mb(runs: Path, exp: str) -> float:
     return sum(p.numel() for p in build_network(architecture).parameters()) * 2 / 1e6
 
 
+def bundled_member(recipe: str) -> int | None:
+    """The index of the bundled accurate ensemble's member that is ``recipe`` trained on every patient, if
+    there is one: the default model can run that member's weights alone (``weights_of``), adding no bytes."""
+    from LiverSegUNetLib.weights import ACCURATE_MODEL
+
+    if not ACCURATE_MODEL.exists():
+        return None
+    members = json.loads(ACCURATE_MODEL.read_text())["provenance"].get("ensemble_of", [])
+    found = [i for i, m in enumerate(members) if m.get("config", {}).get("name") == recipe and not m["test_patients"]]
+    return found[0] if found else None
+
+
 def oversized(runs: Path, experiments) -> list[str]:
-    """Those of ``experiments`` whose network is above the default model's size budget."""
-    return sorted(e for e in experiments if weights_mb(runs, e) > DEFAULT_WEIGHTS_BUDGET_MB)
+    """Those of ``experiments`` whose network is above the default model's size budget and not already bundled
+    (``bundled_member``)."""
+    return sorted(
+        e for e in experiments if weights_mb(runs, e) > DEFAULT_WEIGHTS_BUDGET_MB and bundled_member(e) is None
+    )
 
 
 def best_liver_experiment(runs: Path, robustness: dict | None = None) -> tuple[str, dict]:
@@ -245,7 +260,7 @@ def best_liver_experiment(runs: Path, robustness: dict | None = None) -> tuple[s
     By mean leave-one-out Dice; where robustness results exist for the candidates, the one with the
     best worst-condition mean among those within ``NATIVE_TOLERANCE`` of the best native mean. Both
     means are over the recipe's runs (``recipe_means``). A recipe whose network is larger than
-    ``DEFAULT_WEIGHTS_BUDGET_MB`` is not a candidate.
+    ``DEFAULT_WEIGHTS_BUDGET_MB`` is not a candidate, unless the accurate ensemble already bundles it.
     """
     native, robust = recipe_means(runs, robustness)
     too_large = oversized(runs, native)
@@ -278,7 +293,7 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
     Its card keeps the leave-one-out metrics and, when ``robustness_file`` exists, the robustness
     table of the same recipe's fold models.
     """
-    from LiverSegUNetLib.weights import DEFAULT_MODEL, load_model, save_model
+    from LiverSegUNetLib.weights import ACCURATE_MODEL, DEFAULT_MODEL, load_model, save_member_card, save_model
 
     robustness = json.loads(robustness_file.read_text())["results"] if robustness_file.exists() else None
     best, loo_metrics = best_liver_experiment(runs, robustness)
@@ -286,12 +301,14 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
     reruns = {e: rs for e, rs in candidates.items() if len(rs) > 1}
     too_large = oversized(runs, candidates)
     patients = find_patients(data)
-    model = load_model(train_final(best, data, runs, extra))
-    network, structures = model.network, model.structures
-    if len(structures) > 1:  # a multi-structure recipe won on the liver: ship its liver channel, as fast as ever
-        network, structures = keep_structures(model, [structures[0].name])
+    shared = bundled_member(best) if weights_mb(runs, best) > DEFAULT_WEIGHTS_BUDGET_MB else None
+    if shared is None:
+        model = load_model(train_final(best, data, runs, extra))
+        trained = model.card["provenance"]
+    else:  # the accurate ensemble's member of this recipe, trained on every patient: shared, not trained again
+        trained = json.loads(ACCURATE_MODEL.read_text())["provenance"]["ensemble_of"][shared]
     provenance = {
-        **model.card["provenance"],
+        **trained,
         "chosen_as": (
             f"best mean leave-one-out Dice among {list(candidates)} (liver experiments finished in every fold)"
             + (f"; means over the runs {reruns}" if reruns else "")
@@ -306,16 +323,35 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
         **({"robustness_dice": robustness[best]} if robustness and best in robustness else {}),
         "command": f"python -m training.experiments {command}".rstrip(),
     }
-    card = save_model(
-        network,
-        model.plan,
-        DEFAULT_MODEL,
-        model_id=f"liver-unet2d-{best}-all",
-        structures=structures,
-        provenance=provenance,
-    )
+    model_id = f"liver-unet2d-{best}-all"
+    if shared is None:
+        network, structures = model.network, model.structures
+        if len(structures) > 1:  # a multi-structure recipe won on the liver: ship its liver channel, as fast
+            network, structures = keep_structures(model, [structures[0].name])
+        card = save_model(
+            network, model.plan, DEFAULT_MODEL, model_id=model_id, structures=structures, provenance=provenance
+        )
+    else:
+        provenance["weights"] = f"member {shared} of {ACCURATE_MODEL.name} (the same {best} network, not a copy)"
+        card = save_member_card(ACCURATE_MODEL, shared, DEFAULT_MODEL, model_id=model_id, provenance=provenance)
+    record_sample_agreement(card)
     print(f"installed {best} trained on {patients} as {portable(str(card))}")
     return card
+
+
+def record_sample_agreement(card: Path) -> float:
+    """Score the installed model on the sample CT against TotalSegmentator's liver (``training.external``) and
+    keep the Dice in its card's provenance (not a field the weights' checksum covers)."""
+    from LiverSegUNetLib.outputs import atomic_write_bytes
+    from LiverSegUNetLib.weights import load_model
+
+    from training.external import agreement
+
+    value = agreement({card.stem: [(load_model(card), "model")]})[card.stem]["model"]
+    content = json.loads(card.read_text())
+    content["provenance"]["sample_agreement"] = value
+    atomic_write_bytes(card, (json.dumps(content, indent=2) + "\n").encode())
+    return value
 
 
 def train_final(recipe: str, data: Path, runs: Path, extra: list[str]) -> Path:
@@ -423,13 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     robustness_file = args.results / "robustness.json"
     if args.stage in ("all", "robustness"):
         run_robustness(data, args.runs, robustness_file)
+    if args.stage in ("all", "final"):  # the accurate model first: the default may share one of its networks
+        final_structures(data, args.runs, args.set)
+        final_accurate(data, args.runs, args.set, robustness_file)
     if args.stage in ("all", "final", "final_default"):
         final(
             data, args.runs, args.set, robustness_file, " ".join(portable(argv if argv is not None else sys.argv[1:]))
         )
-    if args.stage in ("all", "final"):
-        final_structures(data, args.runs, args.set)
-        final_accurate(data, args.runs, args.set, robustness_file)
     if args.stage in ("all", "report"):
         from training.report import write_report
 

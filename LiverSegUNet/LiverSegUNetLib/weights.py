@@ -3,6 +3,10 @@
 Nothing here unpickles: weights are safetensors, metadata is JSON. The JSON records the sha256 of
 the weights file, and the weights' header records the sha256 of the JSON fields that decide what
 inference does, so neither file can be altered or swapped without the loader noticing.
+
+A card may instead name one member of an ensemble card beside it (``weights_of``): it then runs that member's
+weights alone, so a network bundled in an ensemble can also ship on its own without a second copy of its bytes.
+Its architecture, preprocessing and structures must equal the member's, and the ensemble's own checks apply.
 """
 
 from __future__ import annotations
@@ -173,6 +177,37 @@ def save_model(
     return path.with_suffix(".json")
 
 
+def save_member_card(
+    ensemble: str | os.PathLike, member: int, path: str | os.PathLike, *, model_id: str, provenance: dict
+) -> Path:
+    """Write ``<path>.json``: a card that runs member ``member`` of the ensemble card ``ensemble`` (in the same
+    folder) alone, on that ensemble's weights file; returns its path."""
+    ensemble, path = Path(ensemble), Path(path).with_suffix(".json")
+    if ensemble.parent.resolve() != path.parent.resolve():
+        raise WeightsError(f"{path}: a card can only share the weights of an ensemble card in its own folder")
+    parent = read_card(ensemble)
+    members = parent["architecture"].get("members", [])
+    if not 0 <= member < len(members):
+        raise WeightsError(f"{ensemble.name} has {len(members)} members, not a member {member}")
+    card = {
+        "format": FORMAT,
+        "model_id": model_id,
+        "architecture": members[member],
+        "preprocessing": parent["preprocessing"],
+        "structures": parent["structures"],
+        "weights_of": {"card": ensemble.name, "member": member},
+        "weights_dtype": parent.get("weights_dtype"),
+        "provenance": provenance,
+        "license": parent["license"],
+    }
+    card_structures(card)
+    _member_state(path, card)  # the ensemble's weights verified and the member found, before anything is written
+    from .outputs import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(card, indent=2) + "\n").encode())
+    return path
+
+
 def read_card(path: str | os.PathLike) -> dict:
     """The JSON card of a model, checked for the fields inference needs."""
     path = Path(path)
@@ -185,23 +220,37 @@ def read_card(path: str | os.PathLike) -> dict:
     if not isinstance(card, dict) or card.get("format") not in (FORMAT, FORMAT_V1):
         found = card.get("format") if isinstance(card, dict) else None
         raise WeightsError(f"{path}: not a {FORMAT} model card (format {found!r})")
-    missing = [k for k in (*_behaviour_keys(card), "weights_file", "weights_sha256") if k not in card]
+    own_weights = ("weights_of",) if "weights_of" in card else ("weights_file", "weights_sha256")
+    missing = [k for k in (*_behaviour_keys(card), *own_weights) if k not in card]
     if missing:
         raise WeightsError(f"{path}: not a {FORMAT} model card (missing {missing})")
+    shared = card.get("weights_of")
+    if shared is not None and not (
+        isinstance(shared, dict) and isinstance(shared.get("card"), str) and type(shared.get("member")) is int
+    ):
+        raise WeightsError(
+            f"{path}: 'weights_of' must name a 'card' (file name) and a 'member' (index), got {shared!r}"
+        )
     card_structures(card)
     return card
 
 
-def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> LoadedModel:
-    """Load and verify a model (the bundled one by default) onto ``device``, in eval mode."""
-    import torch
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model card needs: itself and its weights (for a card that shares an ensemble member's
+    weights, also that ensemble's card and weights). For copying or packaging a model."""
+    path = Path(path)
+    card = read_card(path)
+    if "weights_of" in card:
+        return [path, *model_files(path.parent / card["weights_of"]["card"])]
+    return [path, path.parent / card["weights_file"]]
+
+
+def _verified_state(path: Path, card: dict) -> dict:
+    """The tensors of the weights file ``card`` (at ``path``) names, after its checksum and the card fields
+    recorded in its header are checked."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    path = Path(path) if path else DEFAULT_MODEL
-    if path.suffix == ".safetensors":
-        path = path.with_suffix(".json")
-    card = read_card(path)
     weights_path = path.parent / card["weights_file"]
     try:
         data = weights_path.read_bytes()
@@ -221,6 +270,45 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> Lo
         raise WeightsError(f"{weights_path}: not a valid safetensors file ({exc})") from exc
     if meta.get("card_sha256") != _behaviour_hash(card):
         raise WeightsError(f"{path}: the card's architecture/preprocessing do not match the weights it was saved with")
+    return state
+
+
+def _member_state(path: Path, card: dict) -> dict:
+    """The tensors of the ensemble member a ``weights_of`` card names, once the ensemble's card and weights are
+    verified and the member is checked to be what this card describes."""
+    shared = card["weights_of"]
+    parent_path, index = path.parent / shared["card"], shared["member"]
+    parent = read_card(parent_path)
+    architecture = parent["architecture"]
+    members = architecture.get("members", []) if architecture.get("name") == "Ensemble" else []
+    if "weights_of" in parent or not 0 <= index < len(members):
+        raise WeightsError(
+            f"{path}: names member {index} of {parent_path.name}, which is not an ensemble with its own weights "
+            f"and that many members; re-export the model"
+        )
+    for key, mine, theirs in (
+        ("architecture", card["architecture"], members[index]),
+        ("preprocessing", card["preprocessing"], parent["preprocessing"]),
+        ("structures", card.get("structures"), parent.get("structures")),
+    ):
+        if mine != theirs:
+            raise WeightsError(
+                f"{path}: its {key} differs from member {index} of {parent_path.name}, whose weights it runs; "
+                "re-export the model"
+            )
+    prefix = f"members.{index}."
+    return {k[len(prefix) :]: v for k, v in _verified_state(parent_path, parent).items() if k.startswith(prefix)}
+
+
+def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> LoadedModel:
+    """Load and verify a model (the bundled one by default) onto ``device``, in eval mode."""
+    import torch
+
+    path = Path(path) if path else DEFAULT_MODEL
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    card = read_card(path)
+    state = _member_state(path, card) if "weights_of" in card else _verified_state(path, card)
     try:
         plan = Plan.from_dict(card["preprocessing"])
     except (TypeError, ValueError) as exc:
@@ -235,7 +323,7 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> Lo
     try:
         network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as exc:
-        raise WeightsError(f"{weights_path}: weights do not fit the architecture ({exc})") from exc
+        raise WeightsError(f"{path}: weights do not fit the architecture ({exc})") from exc
     network.eval().to(device)
     if device == "cpu":
         network.to(memory_format=torch.channels_last)

@@ -1,0 +1,40 @@
+"""Agreement on a CT from another hospital: the bundled sample against TotalSegmentator's liver on it (no 3D-IRCADb
+data needed: the sample and the reference are in the repository)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+from LiverSegUNetLib.weights import DEFAULT_MODEL
+
+from training import external
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_reference_is_the_documented_file_on_the_sample_grid():
+    readme = (external.REFERENCE.parent / "README.md").read_text()
+    digest = hashlib.sha256(external.REFERENCE.read_bytes()).hexdigest()
+    assert digest in readme
+    ct, liver = external.sample_with_reference()
+    assert set(liver.array.ravel().tolist()) == {0, 1}
+    ml = float(liver.array.sum()) * liver.voxel_volume_ml
+    assert f"{ml:.1f} ml" in readme and 600 < ml < 800  # a liver in every slice of a 40 mm slab
+
+
+def test_the_default_model_agrees_with_totalsegmentator_on_the_sample(tmp_path):
+    """The bundled default model finds the liver TotalSegmentator finds on the sample (a default that left out
+    part of the right lobe there scored 0.83), and the tool's output and the README say the same."""
+    out = tmp_path / "external.json"
+    assert external.main(["--model", str(DEFAULT_MODEL), "-o", str(out)]) == 0
+    value = json.loads(out.read_text())["results"][DEFAULT_MODEL.stem]["model"]
+    assert value >= 0.95
+    card = json.loads(DEFAULT_MODEL.read_text())
+    recorded = card["provenance"]["sample_agreement"]
+    assert recorded == pytest.approx(value, abs=0.005)  # bfloat16 rounds a little differently on another CPU
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(rf"TotalSegmentator's liver on it:\s+Dice\s+{recorded:.3f}", readme)
