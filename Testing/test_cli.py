@@ -183,6 +183,28 @@ def test_readme_command_one_segments_the_bundled_sample_without_any_data(tmp_pat
     assert segment["Name"] == "Liver" and seg.shape == (20, 512, 512)
 
 
+def test_a_closed_pipe_on_stdout_stops_quietly_after_complete_outputs(tmp_path):
+    """``liverseg segment ... | head`` with the reader gone: no traceback, the SIGPIPE exit code, and the case
+    written whole (its lines are printed after its files)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the first line printed meets a broken pipe
+    try:
+        proc = subprocess.run(
+            [LIVERSEG, "segment", "--sample", "-o", "out"],
+            cwd=tmp_path,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr
+    summary = json.loads((tmp_path / "out" / "totalseg_example_ct.summary.json").read_text())
+    assert summary["liver_volume_ml"] > 300
+    assert read_mask(tmp_path / "out" / "totalseg_example_ct.seg.nrrd").array.any()
+
+
 def test_segment_without_input_says_what_to_give(tmp_path, capsys):
     assert main(["segment", "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

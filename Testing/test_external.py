@@ -38,3 +38,24 @@ def test_the_default_model_agrees_with_totalsegmentator_on_the_sample(tmp_path):
     assert recorded == pytest.approx(value, abs=0.005)  # bfloat16 rounds a little differently on another CPU
     readme = (ROOT / "README.md").read_text()
     assert re.search(rf"TotalSegmentator's liver on it:\s+Dice\s+{recorded:.3f}", readme)
+
+
+def test_another_ct_with_a_label_map_as_reference(tmp_path):
+    """``--ct``/``--reference``/``--label``: the sample given as a CT file with a label map in which the liver
+    is 5 scores as the bundled pair does; a label the map lacks is refused, naming the option."""
+    import SimpleITK as sitk
+    from LiverSegUNetLib.io import read_volume
+    from LiverSegUNetLib.weights import load_model
+
+    labels = sitk.ReadImage(str(external.REFERENCE)) * 5
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    ct = tmp_path / "ct.nii.gz"
+    sample = read_volume(external.sample_ct_path())
+    image = sitk.GetImageFromArray(sample.array)
+    image.CopyInformation(labels)
+    sitk.WriteImage(image, str(ct))
+    case = external.sample_with_reference(ct, tmp_path / "labels.nii.gz", 5)
+    model = {"m": [(load_model(), "model")]}
+    assert external.agreement(model, case=case) == external.agreement(model)
+    with pytest.raises(SystemExit, match="--label"):
+        external.sample_with_reference(ct, tmp_path / "labels.nii.gz", 3)

@@ -4,6 +4,7 @@ TotalSegmentator draws on it.
     python -m training.external --runs training/runs/loo_rerun --experiments liver_robust liver_deep
     python -m training.external --model LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json
     python -m training.external --runs training/runs/loo_rerun -o training/runs/external.json
+    python -m training.external --runs R --ct CT.nii.gz --reference LABELS.nii.gz --label 5   # another CT
 
 The sample (``LiverSegUNetLib/sample_data/``) comes from University Hospital Basel: another scanner, another
 contrast protocol and thicker slices (3 mm at a 2 mm step) than the 3D-IRCADb-01 patients every model here was
@@ -39,24 +40,33 @@ from training.robustness import loo_models
 REFERENCE = Path(__file__).resolve().parent / "reference" / "totalseg_example_ct_liver.nii.gz"
 
 
-def sample_with_reference():
-    """The bundled sample CT and TotalSegmentator's liver mask on its grid."""
-    ct, liver = read_volume(sample_ct_path()), read_mask(REFERENCE)
-    if not ct.same_grid(liver, tol_mm=0.01):
-        raise SystemExit(f"{REFERENCE} is not on the sample CT's voxel grid ({liver.shape} vs {ct.shape})")
+def sample_with_reference(ct_path=None, reference=REFERENCE, label: int = 1):
+    """A CT (the bundled sample by default) and the reference liver on its grid: the voxels of ``reference``
+    equal to ``label``."""
+    from LiverSegUNetLib.io.images import read_image
+
+    ct = read_volume(ct_path or sample_ct_path())
+    mask = read_mask(reference) if label == 1 else read_image(reference)
+    if not ct.same_grid(mask, tol_mm=0.01):
+        raise SystemExit(f"{reference} is not on the CT's voxel grid ({mask.shape} vs {ct.shape})")
+    liver = mask.with_array(mask.array == label)
+    if not liver.array.any():
+        raise SystemExit(f"{reference} has no voxel labelled {label}: give the liver's label with --label")
     return ct, liver
 
 
-def agreement(models: dict[str, list[tuple[object, str]]], device: str = "cpu") -> dict[str, dict[str, float]]:
-    """``{name: {fold: dice}}``: each model's liver on the sample against the reference; a fold is named by
-    its held-out patient (``model`` for a model given alone)."""
-    ct, liver = sample_with_reference()
+def agreement(
+    models: dict[str, list[tuple[object, str]]], device: str = "cpu", case: tuple | None = None
+) -> dict[str, dict[str, float]]:
+    """``{name: {fold: dice}}``: each model's liver on the sample (or ``case``, a CT and its reference liver)
+    against the reference; a fold is named by its held-out patient (``model`` for a model given alone)."""
+    ct, liver = case or sample_with_reference()
     results: dict[str, dict[str, float]] = {}
     for name, pairs in models.items():
         for model, fold in pairs:
             value = dice(segment(ct, model, device=device).mask.array, liver.array)
             results.setdefault(name, {})[fold] = round(float(value), 4)
-            print(f"{name} {fold}: Dice {value:.4f} against TotalSegmentator on the sample", flush=True)
+            print(f"{name} {fold}: Dice {value:.4f} against the reference liver", flush=True)
     return results
 
 
@@ -75,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--runs", type=Path, help="leave-one-out runs folder (runs/<patient>/<experiment>/)")
     source.add_argument("--model", type=Path, help="a model card (.json)")
     parser.add_argument("--experiments", nargs="*", default=[], help="with --runs: which (default: every liver one)")
+    parser.add_argument("--ct", type=Path, help="another CT (DICOM folder, NRRD, NIfTI) instead of the sample")
+    parser.add_argument("--reference", type=Path, help="with --ct: its reference mask or label map, same grid")
+    parser.add_argument("--label", type=int, default=1, help="the liver's value in --reference (default 1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here (merged into what is there)")
     args = parser.parse_args(argv)
@@ -82,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         models = {args.model.stem: [(load_model(args.model, device=args.device), "model")]}
     else:
         models = loo_models(args.runs, args.experiments, args.device)
-    results = agreement(models, args.device)
+    if bool(args.ct) != bool(args.reference):
+        parser.error("--ct and --reference go together")
+    case = sample_with_reference(args.ct, args.reference, args.label) if args.ct else None
+    results = agreement(models, args.device, case)
     print(table(results))
     if args.output:
         previous = json.loads(args.output.read_text())["results"] if args.output.exists() else {}
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        merged = {"reference": REFERENCE.name, "results": {**previous, **results}}
+        merged = {"reference": (args.reference or REFERENCE).name, "results": {**previous, **results}}
         atomic_write_bytes(args.output, (json.dumps(merged, indent=1) + "\n").encode())
     return 0
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -15,6 +16,8 @@ from . import __version__
 from .errors import Cancelled, InputError, LiverSegError, WeightsError
 
 EXIT_INPUT, EXIT_WEIGHTS, EXIT_CANCELLED = 2, 3, 130
+#: The reader of standard output went away (``liverseg ... | head``): stop, as a command killed by SIGPIPE does.
+EXIT_BROKEN_PIPE = 141
 
 
 def _terminate(signum, frame):
@@ -188,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "<case>.nii.gz), <case>.preview.png and <case>.summary.json into OUTPUT. With several cases each is "
         "processed on its own: a failing one is reported and skipped, cases already done are skipped "
         "(--overwrite redoes them), and OUTPUT/batch_summary.json lists them all. Exit code: 0 all done, "
-        "2 some input failed, 3 model file bad, 130 interrupted (rerun to continue).",
+        "2 some input failed, 3 model file bad, 130 interrupted (rerun to continue), 141 output pipe closed.",
     )
     seg.add_argument(
         "input",
@@ -250,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``liverseg``; returns the exit code (0 ok, 2 bad input, 3 bad model, 130 cancelled)."""
+    """Run ``liverseg``; returns the exit code (0 ok, 2 bad input, 3 bad model, 130 cancelled, 141 stdout closed)."""
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(
@@ -274,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     except LiverSegError as exc:
         print(f"liverseg: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except BrokenPipeError:
+        # what was written is complete (outputs are written whole before their lines are printed); point
+        # stdout at nothing so that the interpreter's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":
