@@ -64,6 +64,67 @@ def test_in_plane_pixels_keep_the_field_of_view_and_the_liver(patient):
     assert np.linalg.norm(_centroid_lps(coarse) - _centroid_lps(liver)) < 0.5
 
 
+def _neighbour_difference_hu(ct: Volume, mask: Volume) -> float:
+    """Std of the difference between horizontally neighbouring pixels well inside ``mask``: image noise and fine
+    detail, which a coarse reconstruction averages away and an interpolation keeps."""
+    a, m = ct.array.astype(np.float32), mask.array > 0
+    inner = m[:, 1:-1, 1:-1] & m[:, :-2, 1:-1] & m[:, 2:, 1:-1] & m[:, 1:-1, :-2] & m[:, 1:-1, 2:]
+    return float((a[:, 1:-1, 2:] - a[:, 1:-1, 1:-1])[inner].std())
+
+
+def test_coarse_pixels_average_the_detail_away_and_keep_the_liver(patient):
+    p = patient("3Dircadb1.17")
+    liver, ct = p.mask("liver"), p.ct
+    coarse, coarse_liver = appearance.coarse_pixels(ct, 3.0), appearance.coarse_pixels(liver, 3.0, is_mask=True)
+    assert coarse.same_grid(coarse_liver) and coarse.spacing_mm[:2] == (3.0, 3.0) and coarse.shape[0] == ct.shape[0]
+    assert coarse.array.dtype == ct.array.dtype
+    for axis in (1, 2):  # field of view within one new pixel
+        assert abs(coarse.shape[axis] * 3.0 - ct.shape[axis] * ct.spacing_mm[2 - axis]) <= 3.0
+    ml = liver.array.sum() * liver.voxel_volume_ml
+    assert coarse_liver.array.sum() * coarse_liver.voxel_volume_ml == pytest.approx(ml, rel=0.02)
+    assert np.linalg.norm(_centroid_lps(coarse_liver) - _centroid_lps(liver)) < 1.0
+    thin_hu = float(np.median(ct.array[liver.array > 0]))
+    assert abs(float(np.median(coarse.array[coarse_liver.array > 0])) - thin_hu) < 5
+    # area-averaged, unlike plain interpolation onto the same grid, which keeps the thin pixels' noise
+    interpolated = appearance.in_plane_pixels(ct, 3.0)
+    assert interpolated.same_grid(coarse)
+    averaged = _neighbour_difference_hu(coarse, coarse_liver)
+    kept = _neighbour_difference_hu(interpolated, coarse_liver)
+    assert averaged < 0.75 * kept, (averaged, kept)
+    with pytest.raises(ValueError, match="larger than the volume's"):
+        appearance.coarse_pixels(ct, 0.5)
+
+
+def test_coarse_pixel_augmentation_blurs_the_image_not_the_mask(patient):
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    slices = train.PatientSlices(patient("3Dircadb1.1"), ["liver"], plan)
+    k = int(np.argmax(slices.labels[:, 0].float().sum(dim=(1, 2))))
+    both = slices.sample(k, 1)[None].repeat(4, 1, 1, 1)
+    x, y = both[:, :3].contiguous(), both[:, 3:].contiguous()
+    still = {"rotate_deg": 0.0, "scale_min": 1.0, "scale_max": 1.0, "shift": 0.0, "reverse_context": 0.0}
+    still |= {"contrast": 0.0, "brightness": 0.0, "noise": 0.0, "elastic": 0.0}
+    plain_x, plain_y = train.augment(x.clone(), y.clone(), still, torch.Generator().manual_seed(0))
+    off_x, _ = train.augment(x.clone(), y.clone(), {**still, "coarse_p": 0.0}, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(off_x, plain_x)  # switched off: the same random stream and images as before
+    aug = {**still, "coarse_p": 1.0, "coarse_mm": [3.0, 3.0]}
+    blurred_x, blurred_y = train.augment(x.clone(), y.clone(), aug, torch.Generator().manual_seed(0), 1.5)
+    torch.testing.assert_close(blurred_y, plain_y)  # the mask stays where the liver is
+    detail = float((plain_x[..., 1:] - plain_x[..., :-1]).abs().mean())
+    left = float((blurred_x[..., 1:] - blurred_x[..., :-1]).abs().mean())
+    assert left < 0.7 * detail, (left, detail)
+    liver = plain_y[:, 0] > 0.5
+    assert abs(float(blurred_x[:, 1][liver].mean() - plain_x[:, 1][liver].mean())) < 0.01  # HU level kept
+    # coarser() of a flat image is the same flat image; a 1.5 mm target on the 1.5 mm grid leaves the image alone
+    flat = torch.full((1, 3, 64, 64), 0.4)
+    torch.testing.assert_close(train.coarser(flat, 2.0), flat)
+    same_x, _ = train.augment(x.clone(), y.clone(), {**aug, "coarse_mm": [1.5, 1.5]}, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(same_x, plain_x)
+
+
 def test_unenhanced_moves_enhanced_organs_and_leaves_air_fat_and_bone(patient):
     p = patient("3Dircadb1.1")  # has liver, spleen, kidneys, vessels and bone masks
     masks = appearance.masks_of(p)
@@ -79,6 +140,19 @@ def test_unenhanced_moves_enhanced_organs_and_leaves_air_fat_and_bone(patient):
         np.testing.assert_array_equal(plain[untouched], ct[untouched])
     noise = plain[masks["liver"] > 0].std()
     assert 0.5 * ct[masks["liver"] > 0].std() < noise  # the noise added back keeps the texture
+
+
+def test_dark_unenhanced_condition_sits_below_the_training_mapping(patient):
+    from training import robustness
+
+    p = patient("3Dircadb1.1")
+    masks = appearance.masks_of(p)
+    (_, standard, _), (_, dark, liver) = robustness.variants(p, ["unenhanced", "unenhanced_dark"])
+    inside = liver.array > 0
+    median = {n: float(np.median(dark.array[masks[n] > 0])) for n in ("liver", "spleen")}
+    assert 40 <= median["liver"] <= 50 and 31 <= median["spleen"] <= 41  # appearance.DARK_UNENHANCED_HU
+    assert median["spleen"] < median["liver"] < float(np.median(standard.array[inside])) - 5
+    np.testing.assert_array_equal(dark.array[p.ct.array < -900], p.ct.array[p.ct.array < -900])
 
 
 def test_varied_unenhanced_versions_span_fatty_to_normal_livers(patient):

@@ -460,18 +460,27 @@ def test_every_experiment_config_is_valid_and_run_by_the_experiments():
     assert names == set(experiments.EXPERIMENTS), "a config the experiments never run, or one without a file"
 
 
-def test_the_report_question_is_asked_again_at_the_shipped_recipe():
-    """The *_final transfer configs train with the shipped model's recipe: its network, window, augmentations
-    and extra slices (the bone source without the liver-only slices), only the organ, subset and start differ."""
+def test_the_report_question_is_asked_again_at_the_deep_recipe():
+    """The *_final transfer configs train with ``liver_deep``'s recipe, the one the report's question was last
+    asked at (RESULTS.md, rows "(depth 5)"): its network, window, augmentations and extra slices (the bone source
+    without the liver-only slices), only the organ, subset and start differ. The shipped default, ``liver_general``,
+    is that recipe with its channels capped and two more augmentations; the question is not yet asked there,
+    which the README says."""
+    recipe = train.load_config(CONFIGS / "liver_deep.toml")
     shipped = json.loads((ROOT / "LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json").read_text())
-    recipe = shipped["provenance"]["config"]
-    # a key added after the card was trained has the default that trains as before
-    defaults = train.load_config(CONFIGS / "common.toml")
-    augment = {**defaults["augment"], **recipe["augment"]}
+    general = train.load_config(CONFIGS / "liver_general.toml")
+    assert shipped["provenance"]["config"]["name"] == "liver_general"
+    assert {k for k in general if general[k] != recipe[k]} == {"name", "max_width", "augment"}
+    assert {k for k in general["augment"] if general["augment"][k] != recipe["augment"][k]} == {
+        "unenhanced_varied",
+        "coarse_p",
+    }
+    readme = (ROOT / "README.md").read_text()
+    assert "not yet asked at `liver_general`" in readme
     for name in ("bone_pretrain_final", "liver_scratch_25_final", "liver_transfer_25_final"):
         cfg = train.load_config(CONFIGS / f"{name}.toml")
-        assert cfg["plan"] == recipe["plan"] and cfg["augment"] == augment, name
-        assert (cfg["depth"], cfg["base"]) == (recipe["depth"], recipe["base"]), name
+        assert cfg["plan"] == recipe["plan"] and cfg["augment"] == recipe["augment"], name
+        assert [cfg[k] for k in ("depth", "base", "max_width")] == [recipe[k] for k in ("depth", "base", "max_width")]
     assert train.load_config(CONFIGS / "liver_scratch_25_final.toml")["extra_2d"] == recipe["extra_2d"]
 
 

@@ -34,6 +34,22 @@ def test_save_load_same_outputs(small_model):
     assert loaded.card["provenance"] == {"why": "test"}
 
 
+def test_a_width_capped_network_keeps_its_depth_and_round_trips(tmp_path):
+    capped, full = UNet2D(3, 1, base=4, depth=3, max_width=8), UNet2D(3, 1, base=4, depth=3)
+    widths = [m.out_channels for m in capped.modules() if isinstance(m, torch.nn.Conv2d)][:-1]
+    assert max(widths) == 8 and 4 in widths  # 4, 8, 8, 8: doubling up to the cap, the four levels kept
+    assert sum(p.numel() for p in capped.parameters()) < sum(p.numel() for p in full.parameters()) / 3
+    assert "max_width" not in full.architecture()  # uncapped cards read as before
+    torch.manual_seed(1)
+    capped = UNet2D(3, 1, base=4, depth=3, max_width=8).eval()
+    card = save_model(capped, Plan(multiple=8), tmp_path / "capped", model_id="test-capped")
+    loaded = load_model(card)
+    assert loaded.card["architecture"]["max_width"] == 8
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.network(x), capped(x), atol=2e-2, rtol=2e-2)
+
+
 def test_corrupted_weights_refused(small_model):
     weights = small_model.with_suffix(".safetensors")
     data = bytearray(weights.read_bytes())

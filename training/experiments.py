@@ -63,6 +63,7 @@ EXPERIMENTS = [
     "liver_robust_thick_seed1",
     "liver_deep",
     "liver_deep_seed1",
+    "liver_general",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",

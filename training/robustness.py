@@ -1,7 +1,7 @@
-"""Score liver models on held-out patients made to look like other CTs: thick slices, no contrast, low dose,
-another pixel size, a sharp reconstruction kernel. Each variant goes through the product's own
-``segment()`` on its own grid, and the Dice is taken against the expert mask carried to that grid. Run
-from the repository root with the project installed:
+"""Score liver models on held-out patients made to look like other CTs: thick slices, no contrast (two
+mappings), low dose, another pixel size (finer, or coarse and area-averaged), a sharp reconstruction kernel.
+Each variant goes through the product's own ``segment()`` on its own grid, and the Dice is taken against the
+expert mask carried to that grid. Run from the repository root with the project installed:
 
     python -m training.robustness --runs training/runs/loo                    # every leave-one-out fold's model
     python -m training.robustness --runs training/runs/loo --experiments liver_scratch_msd
@@ -57,6 +57,14 @@ def _pixels(mm: float) -> Variant:
     )
 
 
+def _coarse(mm: float, slices_mm: float = 0.0) -> Variant:
+    def variant(ct, liver, masks, rng):
+        ct, liver = appearance.coarse_pixels(ct, mm), appearance.coarse_pixels(liver, mm, is_mask=True)
+        return _thick(slices_mm)(ct, liver, masks, rng) if slices_mm else (ct, liver)
+
+    return variant
+
+
 def _unenhanced_thick(mm: float) -> Variant:
     return lambda ct, liver, masks, rng: _thick(mm)(appearance.unenhanced(ct, masks, rng), liver, masks, rng)
 
@@ -74,12 +82,28 @@ CONDITIONS: dict[str, tuple[str, Variant]] = {
         lambda ct, liver, masks, rng: (appearance.unenhanced(ct, masks, rng), liver),
     ),
     "unenhanced_3mm": ("no contrast and 3 mm slices", _unenhanced_thick(3.0)),
+    "unenhanced_dark": (
+        "no contrast, darker: liver 45, spleen 36, vessels 36 HU (an unenhanced CT from another hospital; "
+        "appearance.DARK_UNENHANCED_HU)",
+        lambda ct, liver, masks, rng: (
+            appearance.unenhanced(ct, masks, rng, targets=appearance.DARK_UNENHANCED_HU),
+            liver,
+        ),
+    ),
     "low_dose": (
         f"low dose: +{appearance.LOW_DOSE_NOISE_HU:g} HU correlated noise",
         lambda ct, liver, masks, rng: (appearance.low_dose(ct, rng), liver),
     ),
     "pixel_1.0mm": ("1.0 mm pixels (resampled over the same field of view)", _pixels(1.0)),
     "pixel_0.6mm": ("0.6 mm pixels (resampled over the same field of view)", _pixels(0.6)),
+    "pixel_2mm": (
+        "2 mm pixels, area-averaged (a small reconstruction matrix or a downsampled export; training/appearance.py)",
+        _coarse(2.0),
+    ),
+    "voxels_3mm": (
+        "3 mm voxels: 3 mm pixels, area-averaged, and 3 mm slices (a low-resolution series)",
+        _coarse(3.0, 3.0),
+    ),
     "sharp_kernel": (
         f"a sharp reconstruction kernel (in-plane unsharp masking, {appearance.SHARP_AMOUNT:g} x the detail finer "
         f"than {appearance.SHARP_SIGMA_MM:g} mm: about 3 x the noise)",

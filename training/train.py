@@ -325,9 +325,22 @@ def elastic_field(n: int, size, strength: float, points: int, gen: torch.Generat
     return F.interpolate(coarse, size=tuple(size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotation, scale, shift and elastic deformation (same for image and label), then contrast,
-    brightness and noise."""
+def coarser(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Images ``(N, C, H, W)`` as a CT with ``factor`` times larger pixels shows them once the product has
+    resampled it to the model grid: area-averaged down (antialiased, so no detail finer than the coarse
+    pixel survives and nothing aliases), then linearly back up to ``H`` x ``W``."""
+    h, w = x.shape[-2:]
+    small = (max(2, round(h / factor)), max(2, round(w / factor)))
+    down = F.interpolate(x, size=small, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(down, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def augment(
+    x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator, pixel_mm: float = 1.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rotation, scale, shift and elastic deformation (same for image and label), then, with probability
+    ``aug["coarse_p"]``, coarse pixels (uniform ``aug["coarse_mm"]`` in mm on the ``pixel_mm`` model grid,
+    image only: :func:`coarser`), then contrast, brightness and noise."""
     n = x.shape[0]
 
     def uniform(lo, hi, shape=(n,)):
@@ -343,6 +356,12 @@ def augment(x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator) -
         grid = grid + elastic_field(n, x.shape[-2:], aug["elastic"], aug["elastic_points"], gen)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if aug.get("coarse_p", 0.0) > 0:  # drawn only when enabled: configs without it keep their random stream
+        chosen = torch.rand(n, generator=gen) < aug["coarse_p"]
+        mm = uniform(*aug["coarse_mm"])
+        for i in torch.nonzero(chosen).flatten().tolist():
+            if mm[i] > pixel_mm:
+                x[i : i + 1] = coarser(x[i : i + 1], float(mm[i]) / pixel_mm)
     flip = torch.rand(n, generator=gen) < aug["reverse_context"]
     x[flip] = x[flip].flip(1)
     contrast = uniform(1 - aug["contrast"], 1 + aug["contrast"]).view(n, 1, 1, 1)
@@ -363,7 +382,8 @@ def initial_network(cfg: dict, plan: Plan) -> UNet2D:
     """
     keys = structure_keys(cfg)
     architecture = {"name": "UNet2D", "in_channels": plan.in_channels, "out_channels": len(keys)}
-    net = build_network({**architecture, "base": cfg["base"], "depth": cfg["depth"]})
+    size = {"base": cfg["base"], "depth": cfg["depth"], **({"max_width": cfg["max_width"]} if cfg["max_width"] else {})}
+    net = build_network({**architecture, **size})
     if cfg["init_from"]:
         source = load_model(ROOT / cfg["init_from"] if not Path(cfg["init_from"]).is_absolute() else cfg["init_from"])
         names = [CATALOGUE[k].name for k in keys]
@@ -773,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
             picks = rng.integers(0, extra.images.shape[0], (world, cfg["batch_size"] - per_batch))[rank]
             batch += [(len(train) - 1, int(k)) for k in picks]
         x, y, available = make_batch(train, batch, plan, cfg["crop"], rng, cfg["augment"], contrast_only)
-        x, y = augment(x, y, cfg["augment"], gen)
+        x, y = augment(x, y, cfg["augment"], gen, plan.spacing_mm)
         return x, y, available
 
     for epoch in range(start_epoch + 1, cfg["epochs"] + 1):

@@ -18,17 +18,19 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class UNet2D(nn.Module):
-    """U-Net: ``depth`` poolings, ``base`` channels at full resolution, doubling per level.
+    """U-Net: ``depth`` poolings, ``base`` channels at full resolution, doubling per level up to ``max_width``
+    (0: no cap). The cap keeps a deep network's field of view (set by ``depth``) without the width of its
+    coarsest levels, where most of the parameters would be.
 
     Input ``(N, in_channels, H, W)`` with H and W multiples of ``2**depth``; output logits
     ``(N, out_channels, H, W)``. The encoder (``encoder``, ``bottleneck``) and the decoder
     (``ups``, ``decoder``, ``head``) are separate attributes so transfer learning can freeze one.
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, base: int = 32, depth: int = 4):
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, base: int = 32, depth: int = 4, max_width: int = 0):
         super().__init__()
-        widths = [base * 2**d for d in range(depth + 1)]
-        self.depth = depth
+        widths = [min(base * 2**d, max_width) if max_width else base * 2**d for d in range(depth + 1)]
+        self.depth, self.max_width = depth, max_width
         self.encoder = nn.ModuleList(
             [_block(in_channels if d == 0 else widths[d - 1], widths[d]) for d in range(depth)]
         )
@@ -48,6 +50,7 @@ class UNet2D(nn.Module):
             "out_channels": self.head.out_channels,
             "base": self.encoder[0][0].out_channels,
             "depth": self.depth,
+            **({"max_width": self.max_width} if self.max_width else {}),  # absent when uncapped: older cards match
         }
 
     def encoder_parameters(self):
