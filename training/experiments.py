@@ -64,6 +64,7 @@ EXPERIMENTS = [
     "liver_deep",
     "liver_deep_seed1",
     "liver_general",
+    "liver_general_fine",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
