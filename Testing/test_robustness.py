@@ -451,3 +451,18 @@ def test_errors_command_on_a_real_patient(ircadb_root):
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert bad.returncode == 2 and "no patient folder" in bad.stderr
+
+
+def test_errors_say_what_was_missed_and_added_and_how_bright_it_is():
+    from training.robustness import errors
+
+    hu = np.full((1, 4, 10), 100.0)
+    hu[0, :, 8:] = 30.0  # a darker part of the liver: the part this segmentation misses
+    hu[0, 3, :] = 45.0  # tissue beside it
+    reference = np.zeros(hu.shape, np.uint8)
+    reference[0, :3, :] = 1  # 30 voxels
+    mask = reference.copy()
+    mask[0, :3, 8:] = 0  # 6 missed, at 30 HU
+    mask[0, 3, :3] = 1  # 3 added, at 45 HU
+    assert errors(mask, reference, hu) == "reference median 100 HU, missed 20% at median 30 HU, added 10% at median 45 HU"
+    assert errors(reference, reference, hu) == "reference median 100 HU, missed 0%, added 0%"

@@ -460,28 +460,22 @@ def test_every_experiment_config_is_valid_and_run_by_the_experiments():
     assert names == set(experiments.EXPERIMENTS), "a config the experiments never run, or one without a file"
 
 
-def test_the_report_question_is_asked_again_at_the_deep_recipe():
-    """The *_final transfer configs train with ``liver_deep``'s recipe, the one the report's question was last
-    asked at (RESULTS.md, rows "(depth 5)"): its network, window, augmentations and extra slices (the bone source
-    without the liver-only slices), only the organ, subset and start differ. The shipped default, ``liver_general``,
-    is that recipe with its channels capped and two more augmentations; the question is not yet asked there,
-    which the README says."""
-    recipe = train.load_config(CONFIGS / "liver_deep.toml")
+def test_the_report_question_is_asked_again_at_the_shipped_recipe():
+    """The *_final transfer configs train with the shipped default's recipe (``liver_general``; RESULTS.md,
+    rows "(general)"): its network, window, augmentations and extra slices (the bone source without the
+    liver-only slices), only the organ, subset and start differ."""
     shipped = json.loads((ROOT / "LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json").read_text())
-    general = train.load_config(CONFIGS / "liver_general.toml")
-    assert shipped["provenance"]["config"]["name"] == "liver_general"
-    assert {k for k in general if general[k] != recipe[k]} == {"name", "max_width", "augment"}
-    assert {k for k in general["augment"] if general["augment"][k] != recipe["augment"][k]} == {
-        "unenhanced_varied",
-        "coarse_p",
-    }
-    readme = (ROOT / "README.md").read_text()
-    assert "not yet asked at `liver_general`" in readme
+    recipe = train.load_config(CONFIGS / f"{shipped['provenance']['config']['name']}.toml")
+    assert recipe["name"] == "liver_general"
     for name in ("bone_pretrain_final", "liver_scratch_25_final", "liver_transfer_25_final"):
         cfg = train.load_config(CONFIGS / f"{name}.toml")
         assert cfg["plan"] == recipe["plan"] and cfg["augment"] == recipe["augment"], name
         assert [cfg[k] for k in ("depth", "base", "max_width")] == [recipe[k] for k in ("depth", "base", "max_width")]
-    assert train.load_config(CONFIGS / "liver_scratch_25_final.toml")["extra_2d"] == recipe["extra_2d"]
+    scratch = train.load_config(CONFIGS / "liver_scratch_25_final.toml")
+    assert {k for k in scratch if scratch[k] != recipe[k]} == {"name", "samples_fraction"}
+    bone = train.load_config(CONFIGS / "bone_pretrain_final.toml")
+    assert {k for k in bone if bone[k] != recipe[k]} == {"name", "organ", "epochs", "extra_2d", "extra_2d_share"}
+    assert "(general)" in (ROOT / "training/results/RESULTS.md").read_text()
 
 
 def test_the_shipped_recipe_trades_a_little_native_dice_for_a_better_worst_condition(tmp_path):
@@ -576,8 +570,16 @@ def test_the_final_stage_weighs_a_recipe_by_all_its_runs(tmp_path):
         assert experiments.bundled_member("liver_deep") is None
         assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_robust"
     # ... unless the bundled accurate model holds that network already: the default then shares it
-    assert experiments.bundled_member("liver_deep") == 1
-    assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_deep"
+    members = [
+        {"config": {"name": n}, "train_patients": ["p1", "p2"], "test_patients": []}
+        for n in ("liver_robust", "liver_deep")
+    ]
+    accurate = tmp_path / "accurate.json"
+    accurate.write_text(json.dumps({"provenance": {"ensemble_of": members}}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(weights, "ACCURATE_MODEL", accurate)
+        assert experiments.bundled_member("liver_deep") == 1
+        assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_deep"
 
 
 def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_else(tmp_path, monkeypatch):
@@ -639,6 +641,41 @@ def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_el
     assert shared.card["provenance"]["leave_one_out_metrics"] == provenance["leave_one_out_metrics"]
     assert shared.card["provenance"]["train_patients"] == ["3Dircadb1.1", "3Dircadb1.7"]
     assert "sample_agreement" in shared.card["provenance"] and "member 1" in shared.card["provenance"]["weights"]
+
+
+def test_final_accurate_installs_the_ensemble_of_finished_runs_with_its_fold_table_and_nothing_else(
+    tmp_path, monkeypatch
+):
+    """``--stage final_accurate`` builds the accurate model from the ``ACCURATE`` recipes trained on every
+    patient (here: finished already, so nothing trains), keeps the fold ensembles' table and the sample CT's
+    agreement in its card, and leaves the default and structures models alone."""
+    from LiverSegUNetLib import weights
+    from LiverSegUNetLib.model import Ensemble
+
+    from training import experiments
+
+    data, runs, results = tmp_path / "data", tmp_path / "runs" / "loo", tmp_path / "results"
+    (data / "3Dircadb1" / "3Dircadb1.1" / "PATIENT_DICOM").mkdir(parents=True)
+    pair = ["liver_a", "liver_b"]
+    for depth, name in zip((2, 3), pair):
+        net = train.UNet2D(3, 1, base=4, depth=depth).eval()
+        save_model(net, Plan(multiple=8), tmp_path / "runs" / "final" / name / "model", model_id=name)
+    table = {"native": {"3Dircadb1.1": 0.95}, "unenhanced": {"3Dircadb1.1": 0.91}}
+    results.mkdir()
+    (results / "robustness.json").write_text(json.dumps({"results": {"ensemble:liver_a+liver_b": table}}))
+    monkeypatch.setattr(experiments, "ACCURATE", pair)
+    for name in ("DEFAULT_MODEL", "STRUCTURES_MODEL", "ACCURATE_MODEL"):
+        monkeypatch.setattr(weights, name, tmp_path / f"{name.lower()}.json")
+    argv = ["--stage", "final_accurate", "--data", str(data), "--runs", str(runs), "--results", str(results)]
+    assert experiments.main(argv) == 0
+    model = load_model(weights.ACCURATE_MODEL)
+    assert isinstance(model.network, Ensemble) and [m.depth for m in model.network.members] == [2, 3]
+    provenance = model.card["provenance"]
+    assert model.card["model_id"] == "liver-unet2d-ensemble-liver_a+liver_b-all"
+    assert provenance["robustness_dice"] == table
+    assert provenance["leave_one_out_metrics"] == {"3Dircadb1.1": {"dice": 0.95}}
+    assert 0 <= provenance["sample_agreement"] <= 1
+    assert not weights.DEFAULT_MODEL.exists() and not weights.STRUCTURES_MODEL.exists()
 
 
 def test_loss_ignores_structures_a_patient_has_no_mask_for():

@@ -134,12 +134,29 @@ def flip_tta(network, device: str):
     return plain._replace(run=run, precision=plain.precision + " flip-TTA")
 
 
+def errors(mask: np.ndarray, reference: np.ndarray, hu: np.ndarray) -> str:
+    """Where a segmentation is wrong: the missed (false negative) and the added (false positive) voxels, each
+    as a share of the reference volume and with its median HU, beside the reference's median HU."""
+    seg, ref = mask > 0, reference > 0
+    parts = [f"reference median {np.median(hu[ref]):.0f} HU"]
+    for name, wrong in (("missed", ref & ~seg), ("added", seg & ~ref)):
+        share = 100 * wrong.sum() / max(int(ref.sum()), 1)
+        parts.append(f"{name} {share:.0f}%" + (f" at median {np.median(hu[wrong]):.0f} HU" if wrong.any() else ""))
+    return ", ".join(parts)
+
+
 def score(
-    models: dict[str, list[tuple[object, str]]], data: Path, conditions: list[str], device: str, runtime=None
+    models: dict[str, list[tuple[object, str]]],
+    data: Path,
+    conditions: list[str],
+    device: str,
+    runtime=None,
+    explain: bool = False,
 ) -> dict:
     """``{model name: {condition: {patient: dice}}}``; each model is a list of (loaded model, patient) pairs.
 
-    ``runtime`` is passed to ``segment()`` (e.g. :func:`flip_tta`)."""
+    ``runtime`` is passed to ``segment()`` (e.g. :func:`flip_tta`); ``explain`` adds :func:`errors` to each
+    printed line."""
     by_patient: dict[str, list[tuple[str, object]]] = {}
     for name, pairs in models.items():
         for model, patient in pairs:
@@ -155,7 +172,8 @@ def score(
                 results[name][condition][patient_name] = round(float(value), 4)
                 print(
                     f"{name} {patient_name} {condition}: Dice {value:.4f} "
-                    f"({ct.shape[0]} slices of {ct.spacing_mm[2]:.1f} mm, {time.perf_counter() - t:.1f} s)",
+                    f"({ct.shape[0]} slices of {ct.spacing_mm[2]:.1f} mm, {time.perf_counter() - t:.1f} s)"
+                    + (f"; {errors(seg.mask.array, liver.array, ct.array)}" if explain else ""),
                     flush=True,
                 )
     return results
@@ -288,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x the compute)")
     parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also print where each segmentation is wrong: missed and added voxels, their share and median HU",
+    )
+    parser.add_argument(
         "--thresholds", default="", help="comma-separated probability thresholds (0..1) to score instead of the card's"
     )
     parser.add_argument(
@@ -336,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if openings:
         models = at_plan_values(models, "opening_mm", openings, "open")
     t = time.perf_counter()
-    results = score(models, data, conditions, args.device, flip_tta if args.tta else None)
+    results = score(models, data, conditions, args.device, flip_tta if args.tta else None, args.explain)
     command = "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
     clean = clean_models(args.runs, list(results)) if args.runs else list(results)
     if args.merge and args.output and args.output.exists():
