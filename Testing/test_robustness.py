@@ -464,5 +464,6 @@ def test_errors_say_what_was_missed_and_added_and_how_bright_it_is():
     mask = reference.copy()
     mask[0, :3, 8:] = 0  # 6 missed, at 30 HU
     mask[0, 3, :3] = 1  # 3 added, at 45 HU
-    assert errors(mask, reference, hu) == "reference median 100 HU, missed 20% at median 30 HU, added 10% at median 45 HU"
+    expected = "reference median 100 HU, missed 20% at median 30 HU, added 10% at median 45 HU"
+    assert errors(mask, reference, hu) == expected
     assert errors(reference, reference, hu) == "reference median 100 HU, missed 0%, added 0%"
