@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +266,47 @@ def test_the_mask_free_pull_lowers_enhanced_tissue_and_leaves_fat_and_air(patien
     assert float(xs[0, 1][ys[0, 0] > 0.5].mean()) * 255 == pytest.approx(hu(x), abs=0.5)
 
 
+def test_synthetic_lesions_darken_the_liver_inside_its_mask_and_nothing_else(patient):
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    slices = train.PatientSlices(patient("3Dircadb1.7"), ["liver"], plan)  # a liver without tumours of its own
+    k = int(np.argmax(slices.labels[:, 0].float().sum(dim=(1, 2))))
+    native = slices.sample(k, 1)
+    x, liver = native[:3], native[-1] > 0.5
+    aug = {"lesion_count": 3, "lesion_mm": [8.0, 20.0], "lesion_hu": [-60.0, -60.0]}
+    painted = train.with_lesions(x, liver, plan, np.random.default_rng(0), aug)
+    changed = (painted != x).any(0)
+    assert torch.equal(painted[:, ~liver], x[:, ~liver])  # nothing outside the liver moves
+    area = float(changed.sum()) * plan.spacing_mm**2
+    assert 100 < area < 3 * math.pi * 20.0**2 * 1.3**2, area  # one to three lesions of 8-20 mm radius
+    level = float(x[1][liver].median()) * 255
+    core = painted[1][changed] * 255
+    assert float(core.min()) < level - 40 and float(core.mean()) < level - 15  # darker than the liver around it
+    assert torch.equal(painted[0] != x[0], changed) and torch.equal(painted[2] != x[2], changed)  # every channel
+    # with a margin, every lesion keeps liver all around it: nothing changes within 5 mm of the liver's border
+    depth = train.depth_inside(liver, 40)
+    assert float(depth.max()) > 20  # the deepest point of this liver: over 30 mm inside
+    for seed in range(5):
+        inner = train.with_lesions(x, liver, plan, np.random.default_rng(seed), {**aug, "lesion_margin_mm": 5.0})
+        moved = (inner != x).any(0)
+        assert moved.sum() > 50 and float(depth[moved].min()) >= 3  # 3 pixels of 1.5 mm: nothing in the rim
+    # in a batch: the labels stay as they were (a lesion inside the liver is liver), the image changes only there
+    base = {"unenhanced_p": 0.0, "thick_p": 0.0, "thick_slices": [2], **aug}
+    plain_x, plain_y, _ = train.make_batch([slices], [(0, k)], plan, 512, np.random.default_rng(0), base)
+
+    def batch(lesion_p):
+        return train.make_batch([slices], [(0, k)], plan, 512, np.random.default_rng(0), {**base, "lesion_p": lesion_p})
+
+    torch.testing.assert_close(batch(0.0)[0], plain_x)  # switched off: the random stream and images of before
+    les_x, les_y, _ = batch(1.0)
+    torch.testing.assert_close(les_y, plain_y)
+    moved = (les_x != plain_x).any(1)[0]
+    assert moved.any() and not (moved & (plain_y[0, 0] <= 0.5)).any()
+
+
 def test_elastic_deformation_bends_image_and_mask_together(patient):
     from LiverSegUNetLib.preprocess import Plan
 
@@ -464,6 +506,10 @@ def test_errors_say_what_was_missed_and_added_and_how_bright_it_is():
     mask = reference.copy()
     mask[0, :3, 8:] = 0  # 6 missed, at 30 HU
     mask[0, 3, :3] = 1  # 3 added, at 45 HU
-    expected = "reference median 100 HU, missed 20% at median 30 HU, added 10% at median 45 HU"
+    expected = "reference median 100 HU, missed 20.0% at median 30 HU, added 10.0% at median 45 HU"
     assert errors(mask, reference, hu) == expected
-    assert errors(reference, reference, hu) == "reference median 100 HU, missed 0%, added 0%"
+    assert errors(reference, reference, hu) == "reference median 100 HU, missed 0.0%, added 0.0%"
+    tumours = np.zeros(hu.shape, np.uint8)
+    tumours[0, :3, 7:] = 1  # 9 voxels (30%) of the liver; 6 of them (20%) missed
+    with_tumours = errors(mask, reference, hu, tumours)
+    assert with_tumours == expected.replace("30 HU,", "30 HU (20.0% in its tumours of 30.0%),")

@@ -67,6 +67,8 @@ EXPERIMENTS = [
     "liver_general",
     "liver_general_fine",
     "liver_general_many",
+    "liver_lesions",
+    "liver_lesions_inner",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",

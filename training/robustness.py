@@ -10,6 +10,7 @@ expert mask carried to that grid. Run from the repository root with the project 
     python -m training.robustness --runs training/runs/loo --ensemble liver_multi+liver_robust
     python -m training.robustness --runs training/runs/loo --experiments liver_elastic --thresholds 0.4,0.5
     python -m training.robustness --runs training/runs/loo --experiments liver_robust --openings 0,6,7.5
+    python -m training.robustness --runs training/runs/loo --experiments liver_general --explain   # where it errs
 
 With ``--runs``, each fold's model is scored on the patient it did not see (its card's
 ``test_patients``); ``--ensemble A+B`` scores instead, per fold, the ensemble of those experiments'
@@ -38,7 +39,7 @@ from LiverSegUNetLib.metrics import dice
 from LiverSegUNetLib.volume import Volume
 from LiverSegUNetLib.weights import load_model
 
-from training import appearance, overlap
+from training import appearance, labels, overlap
 
 Variant = Callable[[Volume, Volume, dict, np.random.Generator], tuple[Volume, Volume]]
 
@@ -134,15 +135,28 @@ def flip_tta(network, device: str):
     return plain._replace(run=run, precision=plain.precision + " flip-TTA")
 
 
-def errors(mask: np.ndarray, reference: np.ndarray, hu: np.ndarray) -> str:
+def errors(mask: np.ndarray, reference: np.ndarray, hu: np.ndarray, tumours: np.ndarray | None = None) -> str:
     """Where a segmentation is wrong: the missed (false negative) and the added (false positive) voxels, each
-    as a share of the reference volume and with its median HU, beside the reference's median HU."""
+    as a share of the reference volume and with its median HU, beside the reference's median HU; with
+    ``tumours`` (the expert's liver tumours, on the same grid), also the share of the reference missed in them."""
     seg, ref = mask > 0, reference > 0
+    volume = max(int(ref.sum()), 1)
     parts = [f"reference median {np.median(hu[ref]):.0f} HU"]
     for name, wrong in (("missed", ref & ~seg), ("added", seg & ~ref)):
-        share = 100 * wrong.sum() / max(int(ref.sum()), 1)
-        parts.append(f"{name} {share:.0f}%" + (f" at median {np.median(hu[wrong]):.0f} HU" if wrong.any() else ""))
+        share = 100 * wrong.sum() / volume
+        parts.append(f"{name} {share:.1f}%" + (f" at median {np.median(hu[wrong]):.0f} HU" if wrong.any() else ""))
+        if name == "missed" and tumours is not None:
+            inside = tumours > 0
+            parts[-1] += (
+                f" ({100 * (wrong & inside).sum() / volume:.1f}% in its tumours of {100 * inside.sum() / volume:.1f}%)"
+            )
     return ", ".join(parts)
+
+
+def same_grid(mask: np.ndarray | None, original: Volume, ct: Volume) -> np.ndarray | None:
+    """``mask`` (on the ``original`` CT's grid) when the variant ``ct`` kept that grid, else None."""
+    kept = original.shape == ct.shape and np.allclose(original.spacing_mm, ct.spacing_mm)
+    return mask if mask is not None and kept else None
 
 
 def score(
@@ -164,6 +178,8 @@ def score(
     results: dict = {name: {c: {} for c in conditions} for name in models}
     for patient_name, entries in by_patient.items():
         patient = IrcadbPatient(data / "3Dircadb1" / patient_name)
+        tumours = labels.targets(patient, ["liver_tumours"])[0] if explain else None
+        original = patient.ct
         for condition, ct, liver in variants(patient, conditions):
             for name, model in entries:
                 t = time.perf_counter()
@@ -173,7 +189,11 @@ def score(
                 print(
                     f"{name} {patient_name} {condition}: Dice {value:.4f} "
                     f"({ct.shape[0]} slices of {ct.spacing_mm[2]:.1f} mm, {time.perf_counter() - t:.1f} s)"
-                    + (f"; {errors(seg.mask.array, liver.array, ct.array)}" if explain else ""),
+                    + (
+                        f"; {errors(seg.mask.array, liver.array, ct.array, same_grid(tumours, original, ct))}"
+                        if explain
+                        else ""
+                    ),
                     flush=True,
                 )
     return results
@@ -308,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--explain",
         action="store_true",
-        help="also print where each segmentation is wrong: missed and added voxels, their share and median HU",
+        help="also print where each segmentation is wrong: missed and added voxels, their share and median HU, "
+        "and (on the patient's own grid) how much of the missed lay in its expert's liver tumours",
     )
     parser.add_argument(
         "--thresholds", default="", help="comma-separated probability thresholds (0..1) to score instead of the card's"

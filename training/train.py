@@ -279,6 +279,69 @@ def pulled_down(x: torch.Tensor, plan: Plan, hu: float, keep: float) -> torch.Te
     return torch.where(x > level, level + keep * (x - level), x)
 
 
+def depth_inside(mask: torch.Tensor, most: int) -> torch.Tensor:
+    """``(H, W)``: for each pixel of ``mask``, how many pixels (chessboard) it lies inside it, up to ``most``."""
+    depth = torch.zeros(mask.shape)
+    inner = mask.float()[None, None]
+    for _ in range(most):
+        if not inner.any():
+            break
+        depth += inner[0, 0]
+        inner = -F.max_pool2d(-inner, 3, stride=1, padding=1)
+    return depth
+
+
+def with_lesions(x: torch.Tensor, liver: torch.Tensor, plan: Plan, rng: np.random.Generator, aug: dict) -> torch.Tensor:
+    """Window-normalized slices ``x`` ``(C, H, W)`` with 1 to ``aug["lesion_count"]`` synthetic hypodense lesions
+    painted inside the liver mask ``liver`` ``(H, W)`` (bool), which stays the target there: expert liver masks
+    hold the tumours, cysts and metastases inside the liver, and a model that has seen few of them leaves them
+    out (most of what the held-out patients' models miss without contrast is their tumours).
+
+    Each lesion is an ellipse centred on a random liver pixel, of radius uniform in ``aug["lesion_mm"]`` (each
+    axis 0.7-1.3 of it, turned at random), with a soft rim, at the liver's median value plus uniform
+    ``aug["lesion_hu"]`` (HU, negative: darker), relative to the liver as it shows in this sample, enhanced or
+    not, keeping half of the texture and noise beneath it (a flat, noise-free blob would be a cue real lesions
+    do not give). Pixels outside the liver are never changed, so a lesion at the border is cut by the liver's own
+    contour (a subcapsular lesion). With ``aug["lesion_margin_mm"]`` > 0, every lesion lies instead at least that
+    far inside the liver (centre and size chosen so; a lesion that fits nowhere is left out): dark tissue with
+    liver all around it is liver, while what is dark at the liver's border may be a neighbour. Every context
+    channel gets the same lesion (it spans the few mm between them)."""
+    centre = x[x.shape[0] // 2]
+    if int(liver.sum()) < 16:
+        return x
+    level = float(centre[liver].median())
+    height, width = liver.shape
+    dy_grid = torch.arange(height, dtype=torch.float32)[:, None]
+    dx_grid = torch.arange(width, dtype=torch.float32)[None, :]
+    inside = liver.float()
+    margin = aug.get("lesion_margin_mm", 0.0) / plan.spacing_mm
+    largest = aug["lesion_mm"][1] / plan.spacing_mm * 1.3
+    depth = depth_inside(liver, math.ceil(largest + margin) + 1) if margin > 0 else inside
+    out = x.clone()
+    for _ in range(int(rng.integers(1, aug["lesion_count"] + 1))):
+        radius = rng.uniform(*aug["lesion_mm"]) / plan.spacing_mm
+        a, b = radius * rng.uniform(0.7, 1.3), radius * rng.uniform(0.7, 1.3)
+        if margin > 0:  # the whole ellipse at least ``margin`` inside: shrink it to the deepest place if need be
+            room = float(depth.max()) - margin
+            if room < aug["lesion_mm"][0] / plan.spacing_mm:
+                continue
+            shrink = min(1.0, room / max(a, b))
+            a, b = a * shrink, b * shrink
+            rows, cols = torch.nonzero(depth >= max(a, b) + margin, as_tuple=True)
+        else:
+            rows, cols = torch.nonzero(liver, as_tuple=True)
+        pick = int(rng.integers(len(rows)))
+        turn = rng.uniform(0.0, math.pi)
+        dy, dx = dy_grid - float(rows[pick]), dx_grid - float(cols[pick])
+        u = (dy * math.cos(turn) + dx * math.sin(turn)) / a
+        v = (dx * math.cos(turn) - dy * math.sin(turn)) / b
+        rim = rng.uniform(0.05, 0.3)  # share of the radius over which the lesion fades into the liver
+        alpha = ((1 - torch.sqrt(u * u + v * v)) / rim).clamp(0, 1) * inside
+        value = level + rng.uniform(*aug["lesion_hu"]) / (plan.hu_max - plan.hu_min)
+        out = out + alpha * (value + 0.5 * (out - level) - out)  # half the liver's texture and noise kept
+    return out.clamp(0, 1)
+
+
 def make_batch(
     train, batch, plan: Plan, crop: int, rng, aug: dict, contrast_only: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -290,7 +353,9 @@ def make_batch(
     at random), and with probability ``aug["thick_p"]`` the slices are averaged
     into slabs of one of ``aug["thick_slices"]`` slices. Where more than half the contrast was removed, the structures
     flagged in ``contrast_only`` (``(S,)`` bool) are no target for that sample. With probability
-    ``aug["pull_p"]`` every value above ``aug["pull_hu"]`` is pulled towards it (:func:`pulled_down`).
+    ``aug["pull_p"]`` every value above ``aug["pull_hu"]`` is pulled towards it (:func:`pulled_down`), and with
+    probability ``aug["lesion_p"]`` synthetic lesions are painted inside the first structure's mask (the liver;
+    :func:`with_lesions`).
     """
     xs, ys, available = [], [], []
     channels = 2 * plan.context + 1
@@ -307,6 +372,8 @@ def make_batch(
         both = crop_or_pad(train[p].sample(k, plan.context, unenhanced, slab, version), crop, rng)
         if aug.get("pull_p", 0.0) > 0 and rng.uniform() < aug["pull_p"]:
             both[:channels] = pulled_down(both[:channels], plan, aug["pull_hu"], rng.uniform(aug["pull_min"], 1.0))
+        if aug.get("lesion_p", 0.0) > 0 and rng.uniform() < aug["lesion_p"]:  # drawn only when enabled
+            both[:channels] = with_lesions(both[:channels], both[channels] > 0.5, plan, rng, aug)
         xs.append(both[:channels])
         ys.append(both[channels:])
         if contrast_only is not None and unenhanced > 0.5:
