@@ -315,8 +315,8 @@ def with_lesions(x: torch.Tensor, liver: torch.Tensor, plan: Plan, rng: np.rando
     dx_grid = torch.arange(width, dtype=torch.float32)[None, :]
     inside = liver.float()
     margin = aug.get("lesion_margin_mm", 0.0) / plan.spacing_mm
-    largest = aug["lesion_mm"][1] / plan.spacing_mm * 1.3
-    depth = depth_inside(liver, math.ceil(largest + margin) + 1) if margin > 0 else inside
+    if margin > 0:  # deep enough to hold the largest lesion (an axis up to 1.3 x the radius) with its margin
+        depth = depth_inside(liver, math.ceil(aug["lesion_mm"][1] / plan.spacing_mm * 1.3 + margin) + 1)
     out = x.clone()
     for _ in range(int(rng.integers(1, aug["lesion_count"] + 1))):
         radius = rng.uniform(*aug["lesion_mm"]) / plan.spacing_mm
@@ -327,7 +327,7 @@ def with_lesions(x: torch.Tensor, liver: torch.Tensor, plan: Plan, rng: np.rando
                 continue
             shrink = min(1.0, room / max(a, b))
             a, b = a * shrink, b * shrink
-            rows, cols = torch.nonzero(depth >= max(a, b) + margin, as_tuple=True)
+            rows, cols = torch.nonzero(depth >= min(max(a, b) + margin, float(depth.max())), as_tuple=True)
         else:
             rows, cols = torch.nonzero(liver, as_tuple=True)
         pick = int(rng.integers(len(rows)))
