@@ -24,6 +24,37 @@ def _centroid_lps(mask: Volume) -> np.ndarray:
     return (mask.ijk_to_lps() @ np.array([i.mean(), j.mean(), k.mean(), 1.0]))[:3]
 
 
+#: Every random change of ``train.augment`` switched off.
+STILL = {"rotate_deg": 0.0, "scale_min": 1.0, "scale_max": 1.0, "shift": 0.0, "reverse_context": 0.0}
+STILL |= {"contrast": 0.0, "brightness": 0.0, "noise": 0.0, "elastic": 0.0, "elastic_points": 5}
+
+
+def _liver_slices(patient, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``copies`` of patient 1's slice with the most liver, as training samples it (3 channels, 0..255 window),
+    and its liver mask."""
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    slices = train.PatientSlices(patient("3Dircadb1.1"), ["liver"], plan)
+    k = int(np.argmax(slices.labels[:, 0].float().sum(dim=(1, 2))))
+    both = slices.sample(k, 1)[None].repeat(copies, 1, 1, 1)
+    return both[:, :3].contiguous(), both[:, 3:].contiguous()
+
+
+def _still_and_off(x: torch.Tensor, y: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``train.augment`` of ``x``, ``y`` with every change off (:data:`STILL`), checked to equal the same with
+    ``key`` set to 0: an augmentation switched off leaves the random stream, and so every image, as before."""
+    from training import train
+
+    plain_x, plain_y = train.augment(x.clone(), y.clone(), STILL, torch.Generator().manual_seed(0))
+    off_x, off_y = train.augment(x.clone(), y.clone(), {**STILL, key: 0.0}, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(off_x, plain_x)
+    torch.testing.assert_close(off_y, plain_y)
+    return plain_x, plain_y
+
+
 def test_slab_average_is_the_overlap_weighted_mean():
     stack = np.arange(10, dtype=np.int16)[:, None, None] * np.ones((1, 4, 4), np.int16) * 10
     volume = Volume(stack, (1.0, 1.0, 1.0))
@@ -51,6 +82,28 @@ def test_thick_slices_keep_the_liver_in_place(patient, mm):
     thick_hu = ct.array[thick.array > 0]
     assert abs(float(np.median(thick_hu)) - float(np.median(thin_hu))) < 5
     assert thick_hu.std() < thin_hu.std()
+
+
+def test_thin_slices_keep_the_liver_in_place_and_carry_more_noise(patient):
+    p = patient("3Dircadb1.17")
+    liver = p.mask("liver")
+    thin = appearance.thin_slices(liver, 0.8, is_mask=True)
+    ct = appearance.thin_slices(p.ct, 0.8, np.random.default_rng(0))
+    assert ct.same_grid(thin) and ct.spacing_mm == (*liver.spacing_mm[:2], 0.8)
+    # the same stretch of the body, first slice centre to last: twice the slices less one
+    assert thin.shape[0] == 2 * liver.shape[0] - 1 and np.allclose(thin.origin_lps, liver.origin_lps)
+    ml = liver.array.sum() * liver.voxel_volume_ml
+    assert thin.array.sum() * thin.voxel_volume_ml == pytest.approx(ml, rel=0.02)
+    assert np.linalg.norm(_centroid_lps(thin) - _centroid_lps(liver)) < 0.5
+    # every second thin slice lies on an acquired one: without the noise it is that slice
+    quiet = appearance.thin_slices(p.ct, 0.8)
+    np.testing.assert_array_equal(quiet.array[::2], p.ct.array)
+    # thinner slices are noisier: 1.6 -> 0.8 mm doubles the noise variance, so the standard noise is added once
+    added = (ct.array.astype(np.float32) - quiet.array)[thin.array > 0]
+    assert abs(float(added.std()) - appearance.STANDARD_NOISE_HU) < 1.0 and abs(float(added.mean())) < 0.5
+    assert _neighbour_difference_hu(ct, thin) > _neighbour_difference_hu(quiet, thin)
+    with pytest.raises(ValueError, match="thinner"):
+        appearance.thin_slices(p.ct, 2.0)
 
 
 def test_in_plane_pixels_keep_the_field_of_view_and_the_liver(patient):
@@ -97,20 +150,11 @@ def test_coarse_pixels_average_the_detail_away_and_keep_the_liver(patient):
 
 
 def test_coarse_pixel_augmentation_blurs_the_image_not_the_mask(patient):
-    from LiverSegUNetLib.preprocess import Plan
-
     from training import train
 
-    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
-    slices = train.PatientSlices(patient("3Dircadb1.1"), ["liver"], plan)
-    k = int(np.argmax(slices.labels[:, 0].float().sum(dim=(1, 2))))
-    both = slices.sample(k, 1)[None].repeat(4, 1, 1, 1)
-    x, y = both[:, :3].contiguous(), both[:, 3:].contiguous()
-    still = {"rotate_deg": 0.0, "scale_min": 1.0, "scale_max": 1.0, "shift": 0.0, "reverse_context": 0.0}
-    still |= {"contrast": 0.0, "brightness": 0.0, "noise": 0.0, "elastic": 0.0}
-    plain_x, plain_y = train.augment(x.clone(), y.clone(), still, torch.Generator().manual_seed(0))
-    off_x, _ = train.augment(x.clone(), y.clone(), {**still, "coarse_p": 0.0}, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(off_x, plain_x)  # switched off: the same random stream and images as before
+    x, y = _liver_slices(patient, 4)
+    still = STILL
+    plain_x, plain_y = _still_and_off(x, y, "coarse_p")
     aug = {**still, "coarse_p": 1.0, "coarse_mm": [3.0, 3.0]}
     blurred_x, blurred_y = train.augment(x.clone(), y.clone(), aug, torch.Generator().manual_seed(0), 1.5)
     torch.testing.assert_close(blurred_y, plain_y)  # the mask stays where the liver is
@@ -308,17 +352,10 @@ def test_synthetic_lesions_darken_the_liver_inside_its_mask_and_nothing_else(pat
 
 
 def test_elastic_deformation_bends_image_and_mask_together(patient):
-    from LiverSegUNetLib.preprocess import Plan
-
     from training import train
 
-    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
-    slices = train.PatientSlices(patient("3Dircadb1.1"), ["liver"], plan)
-    k = int(np.argmax(slices.labels[:, 0].float().sum(dim=(1, 2))))
-    both = slices.sample(k, 1)[None].repeat(4, 1, 1, 1)
-    x, y = both[:, :3], both[:, 3:]
-    still = {"rotate_deg": 0.0, "scale_min": 1.0, "scale_max": 1.0, "shift": 0.0, "reverse_context": 0.0}
-    still |= {"contrast": 0.0, "brightness": 0.0, "noise": 0.0, "elastic_points": 5}
+    x, y = _liver_slices(patient, 4)
+    still = STILL
     same_x, same_y = train.augment(x.clone(), y.clone(), {**still, "elastic": 0.0}, torch.Generator().manual_seed(0))
     torch.testing.assert_close(same_y, y, atol=1e-4, rtol=0)  # no deformation: the identity
     bent_x, bent_y = train.augment(x.clone(), y.clone(), {**still, "elastic": 0.05}, torch.Generator().manual_seed(0))
@@ -335,6 +372,31 @@ def test_elastic_deformation_bends_image_and_mask_together(patient):
     assert field.shape == (2, 192, 192, 2)
     step = (field[:, 1:] - field[:, :-1]).abs().max()
     assert float(step) < 0.05 * float(field.abs().max())  # smooth: neighbouring pixels move together
+
+
+def test_aspect_ratio_stretches_image_and_mask_alike(patient):
+    from training import train
+
+    x, y = _liver_slices(patient, 8)
+    still = STILL
+    _still_and_off(x, y, "aspect")
+
+    def shape(mask):  # (width / height of the liver's bounding box, its area in pixels)
+        rows, cols = np.nonzero(mask.numpy() > 0.5)
+        return (np.ptp(cols) + 1) / (np.ptp(rows) + 1), int(rows.size)
+
+    ratio0, area0 = shape(y[0, 0])
+    aug = {**still, "aspect": 0.2}
+    bent_x, bent_y = train.augment(x.clone(), y.clone(), aug, torch.Generator().manual_seed(0))
+    changes = []
+    for i in range(8):
+        ratio, area = shape(bent_y[i, 0])
+        changes.append(ratio / ratio0)
+        assert abs(area / area0 - 1) < 0.03  # the area is kept: only the proportions change
+        inside = bent_y[i, 0] > 0.9  # the image follows the mask: liver HU inside the stretched mask
+        assert abs(float(bent_x[i, 1][inside].mean() - x[0, 1][y[0, 0] > 0.5].mean())) < 0.03
+    assert all(1 / 1.25 < c < 1.25 for c in changes), changes  # within the configured 1/1.2 .. 1.2 (and pixels)
+    assert min(changes) < 0.95 and max(changes) > 1.05, changes  # both wider and taller bodies are drawn
 
 
 def test_unenhanced_share_is_drawn_from_the_configured_range():
@@ -374,6 +436,65 @@ def test_robustness_command_end_to_end(ircadb_root, tmp_path):
     assert 0.8 < dice <= 1
     table = out.with_suffix(".md").read_text()
     assert "| thick_5mm |" in table and "not held out" in table
+
+
+def test_explain_names_the_expert_structures_on_the_patients_own_grid(ircadb_root, patient):
+    """``--explain`` runs end to end; its map of the expert's other structures holds each mask but the liver and
+    the body, by the expert's own names, and is dropped for a variant on another grid."""
+    from training import robustness
+
+    p = patient("3Dircadb1.7")
+    label_map, names = robustness.expert_map(p)
+    assert "tumor" in names and "spleen" in names and not {"liver", "skin"} & set(names)
+    tumor = p.mask("tumor").array > 0
+    labelled = label_map == names.index("tumor") + 1
+    assert not (labelled & ~tumor).any()  # only inside its mask; the masks drawn after it may take a little of it
+    assert np.count_nonzero(labelled) > 0.9 * np.count_nonzero(tumor)
+    thick = appearance.thick_slices(p.ct, 5.0)
+    assert robustness._on_grid(None, (label_map, names), p.ct, thick) == (None, None)
+    assert robustness._on_grid(None, (label_map, names), p.ct, p.ct)[1][0] is label_map
+    proc = _robustness(
+        "--model", str(DEFAULT_MODEL), "--patients", "3Dircadb1.17", "--conditions", "native", "--explain",
+        "--data", str(ircadb_root.parent),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "3Dircadb1.17 native: Dice" in x)
+    assert "reference median" in line and "% in its tumours of " in line
+
+
+def test_test_time_augmentations_average_views_of_the_same_slices(patient):
+    """Flip TTA is mirror-symmetric; scale TTA keeps the slice's pixels (any size, not only multiples of the
+    network's), agrees with the plain network on the liver, and with the zoom 1 alone is the plain network."""
+    from LiverSegUNetLib.inference import prepare_slices
+    from LiverSegUNetLib.preprocess import Reorientation, SliceGrid
+    from LiverSegUNetLib.runtime import runtime_network
+    from LiverSegUNetLib.weights import load_model
+
+    from training import robustness
+
+    model = load_model(DEFAULT_MODEL, device="cpu")
+    ct = patient("3Dircadb1.1").ct
+    reorient = Reorientation(ct)
+    grid = SliceGrid.for_slices(ct.shape[1:], reorient.spacing(ct)[:2], model.plan)
+    slices = prepare_slices(torch.from_numpy(np.ascontiguousarray(reorient.forward(ct.array[60:63]))), grid, model.plan)
+    x = slices[None, :, 8:-8, 4:-4]  # 3 slices as channels, sides no longer multiples of 32
+    assert x.shape[-2] % 32 and x.shape[-1] % 32
+    plain = runtime_network(model.network, "cpu")
+    with torch.inference_mode(), plain.autocast:
+        x = x.to(plain.dtype)
+        padded = torch.nn.functional.pad(x, (0, -x.shape[-1] % 32, 0, -x.shape[-2] % 32))  # as inference pads
+        reference = plain.run(padded)[..., : x.shape[-2], : x.shape[-1]].float()
+        alone = robustness.scale_tta(model.network, "cpu", scales=(1.0,)).run(x).float()
+        zoomed = robustness.scale_tta(model.network, "cpu").run(x).float()
+        flipped = robustness.flip_tta(model.network, "cpu")
+        mirror = flipped.run(padded).float()
+        mirror_of_mirror = flipped.run(padded.flip(-1)).float().flip(-1)
+    torch.testing.assert_close(alone, reference)
+    assert zoomed.shape == reference.shape and not torch.equal(zoomed, reference)
+    liver, averaged = reference > 0, zoomed > 0
+    assert liver.sum() > 1000  # a slice through the liver
+    assert 2 * (liver & averaged).sum() / (liver.sum() + averaged.sum()) > 0.95
+    torch.testing.assert_close(mirror, mirror_of_mirror, atol=0.05, rtol=0)
 
 
 def test_robustness_scores_fold_ensembles(ircadb_root, tmp_path):
@@ -513,3 +634,11 @@ def test_errors_say_what_was_missed_and_added_and_how_bright_it_is():
     tumours[0, :3, 7:] = 1  # 9 voxels (30%) of the liver; 6 of them (20%) missed
     with_tumours = errors(mask, reference, hu, tumours)
     assert with_tumours == expected.replace("30 HU,", "30 HU (20.0% in its tumours of 30.0%),")
+    beside = np.zeros(hu.shape, np.uint8)
+    beside[0, 3, :2] = 2  # 2 of the 3 added voxels (6.7%) in the expert's second structure
+    beside[0, 3, 2:] = 1  # 1 (3.3%) in the first, the rest of that row outside the segmentation
+    told = errors(mask, reference, hu, beside=(beside, ["spleen", "tumor"]))
+    assert told == expected + " (6.7% in its tumor, 3.3% in its spleen)"
+    beside[0, 3, 2] = 0  # in no expert structure: only the tumour is named
+    told = errors(mask, reference, hu, beside=(beside, ["spleen", "tumor"]))
+    assert told == expected + " (6.7% in its tumor)"

@@ -437,7 +437,7 @@ def test_report_is_written_from_runs(tmp_path):
     "override, message",
     [
         ("epocs=5", "unknown config key 'epocs'; known keys: augment, average_from, base"),
-        ("augment.nosie=0.1", "unknown config key 'augment.nosie'; known keys in augment: brightness"),
+        ("augment.nosie=0.1", "unknown config key 'augment.nosie'; known keys in augment: aspect, brightness"),
         ("epochs=5.5", "config key 'epochs' must be int (like 30), got 5.5"),
         ("epochs=true", "config key 'epochs' must be int"),
         ('lr="fast"', "config key 'lr' must be float"),

@@ -1,4 +1,4 @@
-"""CT appearance changes, in Hounsfield units and millimetres: contrast removed, thick slices, low-dose
+"""CT appearance changes, in Hounsfield units and millimetres: contrast removed, thick or thin slices, low-dose
 noise, another pixel size (interpolated, or coarse and area-averaged), a sharp reconstruction kernel.
 
 They build the robustness variants of a held-out patient (``robustness.py``) and, with random
@@ -161,29 +161,63 @@ def thick_slices(volume: Volume, thickness_mm: float, is_mask: bool = False) -> 
     return Volume(array, spacing, origin, volume.direction, {**volume.metadata, "slab_mm": thickness_mm})
 
 
-def in_plane_pixels(volume: Volume, pixel_mm: float, is_mask: bool = False) -> Volume:
-    """The volume resampled to ``pixel_mm`` square pixels over the same field of view (slices unchanged)."""
+def _resampled(volume: Volume, spacing, size, origin, is_mask: bool, **metadata) -> Volume:
+    """``volume`` linearly resampled onto ``size`` (i, j, k) voxels of ``spacing`` mm from ``origin`` (LPS mm),
+    its direction kept; a mask is kept where the interpolated value is at least one half."""
     import SimpleITK as sitk
     from LiverSegUNetLib.io.images import sitk_from_volume
 
     image = sitk_from_volume(volume.with_array(volume.array.astype(np.float32)))
+    resampled = sitk.Resample(
+        image,
+        [int(n) for n in size],
+        sitk.Transform(),
+        sitk.sitkLinear,
+        np.asarray(origin, float).tolist(),
+        np.asarray(spacing, float).tolist(),
+        volume.direction.ravel().tolist(),
+    )
+    out = sitk.GetArrayFromImage(resampled)
+    array = (out >= 0.5).astype(np.uint8) if is_mask else np.round(out).astype(volume.array.dtype)
+    return Volume(array, tuple(float(x) for x in spacing), origin, volume.direction, {**volume.metadata, **metadata})
+
+
+def in_plane_pixels(volume: Volume, pixel_mm: float, is_mask: bool = False) -> Volume:
+    """The volume resampled to ``pixel_mm`` square pixels over the same field of view (slices unchanged)."""
     old = np.asarray(volume.spacing_mm)
     spacing = np.array([pixel_mm, pixel_mm, old[2]])
     size = [max(2, round(volume.shape[2 - a] * old[a] / spacing[a])) for a in range(3)]
     # keep the field of view's edges: the first voxel centre moves by half the change of pixel size
     origin = np.asarray(volume.origin_lps) + volume.direction @ ((spacing - old) / 2 * np.array([1, 1, 0]))
-    resampled = sitk.Resample(
-        image,
-        size,
-        sitk.Transform(),
-        sitk.sitkLinear,
-        origin.tolist(),
-        spacing.tolist(),
-        volume.direction.ravel().tolist(),
-    )
-    out = sitk.GetArrayFromImage(resampled)
-    array = (out >= 0.5).astype(np.uint8) if is_mask else np.round(out).astype(volume.array.dtype)
-    return Volume(array, tuple(spacing), origin, volume.direction, {**volume.metadata, "pixel_mm": pixel_mm})
+    return _resampled(volume, spacing, size, origin, is_mask, pixel_mm=pixel_mm)
+
+
+#: Noise of a standard abdominal CT at its slice thickness (HU); thinner slices carry more (see :func:`thin_slices`).
+STANDARD_NOISE_HU = 12.0
+
+
+def thin_slices(
+    volume: Volume, slice_mm: float, rng: np.random.Generator | None = None, is_mask: bool = False
+) -> Volume:
+    """The volume as a thinner-slice reconstruction shows it: slices ``slice_mm`` apart from the first slice's
+    centre to the last's (interpolated linearly between the acquired ones), and, for a CT (``rng`` given), the
+    noise a thinner slice carries: quantum noise grows as one over the square root of the slice thickness, so
+    correlated noise is added to bring :data:`STANDARD_NOISE_HU` at the old thickness to its value at the new one.
+
+    Interpolation cannot add the detail along the body axis that a real thin reconstruction holds; what it
+    reproduces is what matters to a 2.5D network: neighbouring slices closer together than in training."""
+    old = float(volume.spacing_mm[2])
+    if not 0 < slice_mm < old:
+        raise ValueError(f"thin slices must be thinner than the volume's ({old:.2f} mm), got {slice_mm} mm")
+    count = int(np.floor((volume.shape[0] - 1) * old / slice_mm + 1e-6)) + 1
+    spacing = (*volume.spacing_mm[:2], slice_mm)
+    size = (volume.shape[2], volume.shape[1], count)
+    out = _resampled(volume, spacing, size, volume.origin_lps, is_mask, slice_mm=slice_mm)
+    if is_mask or rng is None:
+        return out
+    extra = STANDARD_NOISE_HU * math.sqrt(old / slice_mm - 1)
+    noisy = out.array.astype(np.float32) + correlated_noise(out.shape, extra, rng)
+    return out.with_array(np.clip(np.round(noisy), -1024, 3071).astype(np.int16))
 
 
 def coarse_pixels(volume: Volume, pixel_mm: float, is_mask: bool = False) -> Volume:

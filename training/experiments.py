@@ -69,6 +69,8 @@ EXPERIMENTS = [
     "liver_general_many",
     "liver_lesions",
     "liver_lesions_inner",
+    "liver_aspect",
+    "liver_aspect_seed1",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
@@ -89,6 +91,7 @@ REPLICATES = {
     "liver_robust_seed1": "liver_robust",
     "liver_deep_seed1": "liver_deep",
     "liver_robust_thick_seed1": "liver_robust_thick",
+    "liver_aspect_seed1": "liver_aspect",
 }
 #: Experiments sized for a GPU (python -m training.slot sweep, then slot score brings the fold models here):
 #: the LOO stage runs them only when named with --only; once their fold runs exist they compete as any other.

@@ -1,4 +1,4 @@
-"""Score liver models on held-out patients made to look like other CTs: thick slices, no contrast (two
+"""Score liver models on held-out patients made to look like other CTs: thick or thin slices, no contrast (two
 mappings), low dose, another pixel size (finer, or coarse and area-averaged), a sharp reconstruction kernel.
 Each variant goes through the product's own ``segment()`` on its own grid, and the Dice is taken against the
 expert mask carried to that grid. Run from the repository root with the project installed:
@@ -78,6 +78,14 @@ CONDITIONS: dict[str, tuple[str, Variant]] = {
     ),
     "thick_3mm": ("3 mm slices (contiguous slabs averaged from the thin ones)", _thick(3.0)),
     "thick_5mm": ("5 mm slices (contiguous slabs averaged from the thin ones)", _thick(5.0)),
+    "thin_0.8mm": (
+        "0.8 mm slices (interpolated, with the noise of thinner slices; appearance.thin_slices): neighbouring "
+        "slices half as far apart as in training",
+        lambda ct, liver, masks, rng: (
+            appearance.thin_slices(ct, 0.8, rng),
+            appearance.thin_slices(liver, 0.8, is_mask=True),
+        ),
+    ),
     "unenhanced": (
         "no intravenous contrast (liver 55, spleen 45, vessels 40 HU; training/appearance.py)",
         lambda ct, liver, masks, rng: (appearance.unenhanced(ct, masks, rng), liver),
@@ -135,10 +143,73 @@ def flip_tta(network, device: str):
     return plain._replace(run=run, precision=plain.precision + " flip-TTA")
 
 
-def errors(mask: np.ndarray, reference: np.ndarray, hu: np.ndarray, tumours: np.ndarray | None = None) -> str:
+#: The zooms of :func:`scale_tta`: inside the training's random scale (0.85-1.2), so each is a view it has seen.
+TTA_SCALES = (0.9, 1.0, 1.1)
+
+
+def _deepest(network) -> int:
+    """2 ** the deepest pooling level of ``network`` (of any member of an ensemble): what its input sides divide by."""
+    depths = [m.depth for m in network.modules() if hasattr(m, "depth") and isinstance(m.depth, int)]
+    return 2 ** max(depths)
+
+
+def scale_tta(network, device: str, scales=TTA_SCALES):
+    """A runtime that averages the network's logits on each slice zoomed by each of ``scales`` (bilinear, padded
+    to what the network divides by) and brought back to the slice's pixels (``len(scales)`` x the compute,
+    more for zooms above 1)."""
+    import torch.nn.functional as F
+    from LiverSegUNetLib.runtime import runtime_network
+
+    plain = runtime_network(network, device)
+    multiple = _deepest(network)
+
+    def run(x):
+        h, w = x.shape[-2:]
+        total = None
+        for scale in scales:
+            size = (round(h * scale), round(w * scale))
+            zoomed = x if size == (h, w) else F.interpolate(x.float(), size=size, mode="bilinear").to(x.dtype)
+            padded = F.pad(zoomed, (0, -size[1] % multiple, 0, -size[0] % multiple))
+            logits = plain.run(padded)[..., : size[0], : size[1]].float()
+            back = logits if size == (h, w) else F.interpolate(logits, size=(h, w), mode="bilinear")
+            total = back if total is None else total + back
+        return (total / len(scales)).to(x.dtype)
+
+    return plain._replace(run=run, precision=plain.precision + " scale-TTA")
+
+
+#: ``--tta`` choices: how each slice's logits are averaged over transformed copies of it.
+TTA = {"flip": flip_tta, "scale": scale_tta}
+
+
+#: Expert masks that are not "beside the liver": the liver itself, and the whole body (3D-IRCADb's ``skin``).
+NOT_BESIDE = ("liver", "skin")
+#: An expert structure is named in what a segmentation added when it holds at least this share (%) of the liver.
+BESIDE_SHARE = 0.5
+
+
+def expert_map(patient: IrcadbPatient) -> tuple[np.ndarray, list[str]]:
+    """The patient's expert masks other than :data:`NOT_BESIDE` as one uint8 label map (label ``n`` is
+    ``names[n - 1]``, the expert's own mask name; where masks overlap the later name wins) and those names."""
+    names = [o for o in patient.organs if o not in NOT_BESIDE]
+    out = np.zeros(patient.ct.shape, np.uint8)
+    for label, name in enumerate(names, start=1):
+        out[patient.mask(name).array > 0] = label
+    return out, names
+
+
+def errors(
+    mask: np.ndarray,
+    reference: np.ndarray,
+    hu: np.ndarray,
+    tumours: np.ndarray | None = None,
+    beside: tuple[np.ndarray, list[str]] | None = None,
+) -> str:
     """Where a segmentation is wrong: the missed (false negative) and the added (false positive) voxels, each
     as a share of the reference volume and with its median HU, beside the reference's median HU; with
-    ``tumours`` (the expert's liver tumours, on the same grid), also the share of the reference missed in them."""
+    ``tumours`` (the expert's liver tumours, on the same grid), also the share of the reference missed in them;
+    with ``beside`` (:func:`expert_map`, on the same grid), the expert structures the added voxels lie in, each
+    that holds at least :data:`BESIDE_SHARE` % of the reference, largest first."""
     seg, ref = mask > 0, reference > 0
     volume = max(int(ref.sum()), 1)
     parts = [f"reference median {np.median(hu[ref]):.0f} HU"]
@@ -150,6 +221,12 @@ def errors(mask: np.ndarray, reference: np.ndarray, hu: np.ndarray, tumours: np.
             parts[-1] += (
                 f" ({100 * (wrong & inside).sum() / volume:.1f}% in its tumours of {100 * inside.sum() / volume:.1f}%)"
             )
+        if name == "added" and beside is not None and wrong.any():
+            labels_map, names = beside
+            shares = 100 * np.bincount(labels_map[wrong], minlength=len(names) + 1)[1:] / volume
+            named = sorted(((s, n) for s, n in zip(shares, names) if s >= BESIDE_SHARE), reverse=True)
+            if named:
+                parts[-1] += " (" + ", ".join(f"{s:.1f}% in its {n}" for s, n in named) + ")"
     return ", ".join(parts)
 
 
@@ -157,6 +234,12 @@ def same_grid(mask: np.ndarray | None, original: Volume, ct: Volume) -> np.ndarr
     """``mask`` (on the ``original`` CT's grid) when the variant ``ct`` kept that grid, else None."""
     kept = original.shape == ct.shape and np.allclose(original.spacing_mm, ct.spacing_mm)
     return mask if mask is not None and kept else None
+
+
+def _on_grid(tumours, beside, original: Volume, ct: Volume) -> tuple:
+    """The expert's tumours and :func:`expert_map` for :func:`errors`, each None where the variant changed the grid."""
+    label_map = same_grid(beside[0], original, ct) if beside is not None else None
+    return same_grid(tumours, original, ct), (label_map, beside[1]) if label_map is not None else None
 
 
 def score(
@@ -179,6 +262,7 @@ def score(
     for patient_name, entries in by_patient.items():
         patient = IrcadbPatient(data / "3Dircadb1" / patient_name)
         tumours = labels.targets(patient, ["liver_tumours"])[0] if explain else None
+        beside = expert_map(patient) if explain else None
         original = patient.ct
         for condition, ct, liver in variants(patient, conditions):
             for name, model in entries:
@@ -190,7 +274,7 @@ def score(
                     f"{name} {patient_name} {condition}: Dice {value:.4f} "
                     f"({ct.shape[0]} slices of {ct.spacing_mm[2]:.1f} mm, {time.perf_counter() - t:.1f} s)"
                     + (
-                        f"; {errors(seg.mask.array, liver.array, ct.array, same_grid(tumours, original, ct))}"
+                        f"; {errors(seg.mask.array, liver.array, ct.array, *_on_grid(tumours, beside, original, ct))}"
                         if explain
                         else ""
                     ),
@@ -324,12 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated: {', '.join(CONDITIONS)}")
     parser.add_argument("--data", type=Path, default=None, help="folder holding 3Dircadb1/ (default: $LIVERSEG_DATA)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x the compute)")
+    parser.add_argument(
+        "--tta",
+        nargs="?",
+        const="flip",
+        choices=sorted(TTA),
+        help="test-time augmentation: flip (alone: --tta; left-right mirror, 2x the compute) or scale "
+        f"(zooms {', '.join(f'{z:g}' for z in TTA_SCALES)}, about 3x)",
+    )
     parser.add_argument(
         "--explain",
         action="store_true",
         help="also print where each segmentation is wrong: missed and added voxels, their share and median HU, "
-        "and (on the patient's own grid) how much of the missed lay in its expert's liver tumours",
+        "and (on the patient's own grid) how much of the missed lay in its expert's liver tumours and in which of "
+        "its expert's other structures the added lay",
     )
     parser.add_argument(
         "--thresholds", default="", help="comma-separated probability thresholds (0..1) to score instead of the card's"
@@ -380,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     if openings:
         models = at_plan_values(models, "opening_mm", openings, "open")
     t = time.perf_counter()
-    results = score(models, data, conditions, args.device, flip_tta if args.tta else None, args.explain)
+    results = score(models, data, conditions, args.device, TTA[args.tta] if args.tta else None, args.explain)
     command = "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
     clean = clean_models(args.runs, list(results)) if args.runs else list(results)
     if args.merge and args.output and args.output.exists():

@@ -405,9 +405,10 @@ def coarser(x: torch.Tensor, factor: float) -> torch.Tensor:
 def augment(
     x: torch.Tensor, y: torch.Tensor, aug: dict, gen: torch.Generator, pixel_mm: float = 1.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotation, scale, shift and elastic deformation (same for image and label), then, with probability
-    ``aug["coarse_p"]``, coarse pixels (uniform ``aug["coarse_mm"]`` in mm on the ``pixel_mm`` model grid,
-    image only: :func:`coarser`), then contrast, brightness and noise."""
+    """Random rotation, scale (with ``aug["aspect"]`` > 0 also the body's width-to-height ratio, changed by a
+    factor log-uniform in 1 / (1 + aspect) .. 1 + aspect), shift and elastic deformation (same for image and
+    label), then, with probability ``aug["coarse_p"]``, coarse pixels (uniform ``aug["coarse_mm"]`` in mm on the
+    ``pixel_mm`` model grid, image only: :func:`coarser`), then contrast, brightness and noise."""
     n = x.shape[0]
 
     def uniform(lo, hi, shape=(n,)):
@@ -416,8 +417,13 @@ def augment(
     angle = uniform(-1, 1) * math.radians(aug["rotate_deg"])
     scale = uniform(aug["scale_min"], aug["scale_max"])
     shift = uniform(-aug["shift"], aug["shift"], (n, 2))
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    across, down = scale, scale  # how much wider and taller the patient looks
+    if aug.get("aspect", 0.0) > 0:  # drawn only when enabled: configs without it keep their random stream
+        ratio = torch.exp(uniform(-1, 1) * math.log1p(aug["aspect"]))
+        across, down = scale * ratio.sqrt(), scale / ratio.sqrt()
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    top = torch.stack([cos / across, -sin / down, shift[:, 0]], 1)
+    theta = torch.stack([top, torch.stack([sin / across, cos / down, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     if aug["elastic"] > 0:  # drawn only when enabled: configs without it keep their random stream
         grid = grid + elastic_field(n, x.shape[-2:], aug["elastic"], aug["elastic_points"], gen)
