@@ -514,6 +514,8 @@ def test_the_shipped_recipe_trades_a_little_native_dice_for_a_better_worst_condi
     for patient in ("p1", "p2"):  # a rerun with another seed is reported, never shipped
         fold("liver_elastic_seed1", patient, 0.999)
     assert experiments.best_liver_experiment(tmp_path, robustness)[0] == "liver_elastic"
+    for patient in ("p1", "p2"):  # (the rerun would make liver_elastic the only recipe run twice: see below)
+        shutil.rmtree(tmp_path / patient / "liver_elastic_seed1")
     # a recipe whose runs trained on their held-out patient's own extra slices is not comparable: never chosen
     for patient in ("p1", "p2"):
         card = tmp_path / patient / "liver_msd_half" / "model.json"
@@ -542,6 +544,7 @@ def test_the_final_stage_weighs_a_recipe_by_all_its_runs(tmp_path):
 
     for patient, robust, deep, deep_rerun in [("p1", 0.92, 0.95, 0.90), ("p2", 0.90, 0.93, 0.88)]:
         fold("liver_robust", patient, robust)
+        fold("liver_robust_seed1", patient, robust)
         fold("liver_deep", patient, deep)
         fold("liver_deep_seed1", patient, deep_rerun)
     native, robust = experiments.recipe_means(tmp_path)
@@ -552,6 +555,7 @@ def test_the_final_stage_weighs_a_recipe_by_all_its_runs(tmp_path):
         "liver_deep": {"native": {"p1": 0.95, "p2": 0.93}, "unenhanced": {"p1": 0.90, "p2": 0.90}},
         "liver_deep_seed1": {"native": {"p1": 0.90, "p2": 0.88}, "unenhanced": {"p1": 0.80, "p2": 0.82}},
     }
+    conditions["liver_robust_seed1"] = conditions["liver_robust"]
     # deep's worst condition is unenhanced averaged over its two runs (0.855), not its first run's (0.90)
     assert experiments.recipe_means(tmp_path, conditions)[1] == pytest.approx(
         {"liver_robust": 0.87, "liver_deep": 0.855}
@@ -587,6 +591,31 @@ def test_the_final_stage_weighs_a_recipe_by_all_its_runs(tmp_path):
         assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_deep"
 
 
+def test_a_recipe_run_once_does_not_compete_with_recipes_run_twice(tmp_path):
+    """``MIN_RUNS``: where some recipes were run with two seeds, a recipe run once is not chosen however its one
+    run scored (its bad run may not have happened yet); where none was, every recipe competes."""
+    from training import experiments
+
+    def fold(exp, patient, value):
+        card = tmp_path / patient / exp / "model.json"
+        card.parent.mkdir(parents=True)
+        card.write_text(json.dumps({"provenance": {"held_out_metrics": {patient: {"dice": value}}}}))
+
+    table = {}
+    for exp, native, dark in [("liver_general", 0.91, 0.86), ("liver_general_many", 0.93, 0.88)]:
+        for patient in ("p1", "p2"):
+            fold(exp, patient, native)
+        table[exp] = {"native": {"p1": native, "p2": native}, "unenhanced_dark": {"p1": dark, "p2": dark}}
+    assert experiments.MIN_RUNS == 2
+    assert experiments.best_liver_experiment(tmp_path, table)[0] == "liver_general_many"  # no recipe run twice
+    for patient in ("p1", "p2"):
+        fold("liver_general_seed1", patient, 0.90)
+    table["liver_general_seed1"] = {"native": {"p1": 0.90, "p2": 0.90}, "unenhanced_dark": {"p1": 0.8, "p2": 0.8}}
+    assert experiments.contenders(tmp_path, ["liver_general", "liver_general_many"]) == ["liver_general"]
+    assert experiments.best_liver_experiment(tmp_path, table)[0] == "liver_general"
+    assert experiments.best_liver_experiment(tmp_path)[0] == "liver_general"  # without robustness results too
+
+
 def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_else(tmp_path, monkeypatch):
     """``--stage final_default`` retrains (here: finds finished) the recipe the rule picks over all its runs
     and installs it as the default model, its card holding that run's tables and the command; the structures
@@ -619,18 +648,17 @@ def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_el
     assert provenance["leave_one_out_metrics"] == {"3Dircadb1.1": {"dice": 0.95}, "3Dircadb1.7": {"dice": 0.91}}
     assert provenance["robustness_dice"] == table["liver_deep"]
     assert "robustness" in provenance["chosen_as"] and "liver_deep_seed1" in provenance["chosen_as"]
+    assert "only the recipes run at least 2 times compete: ['liver_deep']" in provenance["chosen_as"]
     assert provenance["command"].startswith("python -m training.experiments --stage final_default")
     assert 0 <= provenance["sample_agreement"] <= 1  # scored on the sample CT (an untrained network here)
     assert not weights.STRUCTURES_MODEL.exists() and not weights.ACCURATE_MODEL.exists()
 
-    # the chosen network too large for its own file but bundled in the accurate model: a card that runs that
-    # member, and nothing trained
+    # the chosen recipe bundled in the accurate model (the same recipe trained on every patient): a card that runs
+    # that member, nothing trained, and the previous default's own weights file gone
     from LiverSegUNetLib.model import Ensemble
 
     shutil.rmtree(tmp_path / "runs" / "final")
-    big = {"name": "UNet2D", "in_channels": 3, "out_channels": 1, "base": 16, "depth": 5}
-    for card in runs.glob("*/liver_deep*/model.json"):
-        card.write_text(json.dumps(json.loads(card.read_text()) | {"architecture": big}))
+    assert weights.DEFAULT_MODEL.with_suffix(".safetensors").is_file()
     members = [train.UNet2D(3, 1, base=4, depth=2).eval(), train.UNet2D(3, 1, base=4, depth=3).eval()]
     trained = [
         {"config": {"name": n}, "train_patients": ["3Dircadb1.1", "3Dircadb1.7"], "test_patients": []}
@@ -643,6 +671,7 @@ def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_el
     shared = load_model(weights.DEFAULT_MODEL)
     assert shared.card["weights_of"] == {"card": weights.ACCURATE_MODEL.name, "member": 1}
     assert shared.network.depth == 3 and not (tmp_path / "runs" / "final").exists()
+    assert not weights.DEFAULT_MODEL.with_suffix(".safetensors").exists()
     assert shared.card["provenance"]["leave_one_out_metrics"] == provenance["leave_one_out_metrics"]
     assert shared.card["provenance"]["train_patients"] == ["3Dircadb1.1", "3Dircadb1.7"]
     assert "sample_agreement" in shared.card["provenance"] and "member 1" in shared.card["provenance"]["weights"]
