@@ -667,6 +667,8 @@ def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_el
     save_model(
         Ensemble(members), Plan(multiple=8), weights.ACCURATE_MODEL, model_id="e", provenance={"ensemble_of": trained}
     )
+    assert experiments.bundled_member("liver_deep", ["3Dircadb1.7", "3Dircadb1.1"]) == 1
+    assert experiments.bundled_member("liver_deep", ["3Dircadb1.1"]) is None  # trained on other patients: not it
     assert experiments.main(argv) == 0
     shared = load_model(weights.DEFAULT_MODEL)
     assert shared.card["weights_of"] == {"card": weights.ACCURATE_MODEL.name, "member": 1}

@@ -256,15 +256,22 @@ def weights_mb(runs: Path, exp: str) -> float:
     return sum(p.numel() for p in build_network(architecture).parameters()) * 2 / 1e6
 
 
-def bundled_member(recipe: str) -> int | None:
-    """The index of the bundled accurate ensemble's member that is ``recipe`` trained on every patient, if
-    there is one: the default model then runs that member's weights alone (``weights_of``), adding no bytes."""
+def bundled_member(recipe: str, patients: list[str] | None = None) -> int | None:
+    """The index of the bundled accurate ensemble's member that is ``recipe`` trained on every patient (on exactly
+    ``patients``, when given), if there is one: the default model then runs that member's weights alone
+    (``weights_of``), adding no bytes."""
     from LiverSegUNetLib.weights import ACCURATE_MODEL
 
     if not ACCURATE_MODEL.exists():
         return None
     members = json.loads(ACCURATE_MODEL.read_text())["provenance"].get("ensemble_of", [])
-    found = [i for i, m in enumerate(members) if m.get("config", {}).get("name") == recipe and not m["test_patients"]]
+    found = [
+        i
+        for i, m in enumerate(members)
+        if m.get("config", {}).get("name") == recipe
+        and not m["test_patients"]
+        and (patients is None or sorted(m["train_patients"]) == sorted(patients))
+    ]
     return found[0] if found else None
 
 
@@ -337,9 +344,9 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
     too_large = oversized(runs, candidates)
     competing = contenders(runs, [e for e in candidates if e not in too_large])
     patients = find_patients(data)
-    # the accurate ensemble's member of this recipe is the same recipe trained on the same patients with the same
-    # seed: run it alone rather than train and bundle a second copy (whatever its size)
-    shared = bundled_member(best)
+    # the accurate ensemble's member of this recipe trained on these patients is what training would give again
+    # (same recipe, patients and seed): run it alone rather than bundle a second copy (whatever its size)
+    shared = bundled_member(best, patients)
     if shared is None:
         model = load_model(train_final(best, data, runs, extra))
         trained = model.card["provenance"]
