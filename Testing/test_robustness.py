@@ -228,6 +228,46 @@ def test_varied_unenhanced_versions_span_fatty_to_normal_livers(patient):
     assert len(seen) >= 3  # the batch draws from the versions
 
 
+def test_fresh_unenhanced_samples_cover_the_range_and_match_the_precomputed_mapping(patient):
+    """``unenhanced_fresh``: each contrast-free sample is mapped on the fly. The standard mapping lands where the
+    precomputed one does; a mapping drawn for a sample puts the liver at its own target, so a batch spans the
+    fatty-to-normal range instead of a patient's three fixed versions; bone, air and the labels are untouched."""
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    kept = train.PatientSlices(patient("3Dircadb1.17"), ["liver"], plan, unenhanced=True, varied=0)
+    fresh = train.PatientSlices(patient("3Dircadb1.17"), ["liver"], plan, unenhanced=True, varied=3, fresh=True)
+    assert fresh.unenhanced is None and fresh.unenhanced_varied == []  # nothing precomputed
+    assert fresh.contrast_free.structures.shape == fresh.images.shape
+    liver = fresh.labels[:, 0] > 0.5
+    k = int(np.argmax(liver.sum(dim=(1, 2))))
+    rng = np.random.default_rng(0)
+
+    def liver_hu(x):
+        return float(x[1][x[-1] > 0.5].median()) * 255
+
+    standard = fresh.sample(k, 1, unenhanced=1.0, mapping={}, rng=rng)
+    assert liver_hu(standard) == pytest.approx(liver_hu(kept.sample(k, 1, unenhanced=1.0)), abs=2)
+    assert liver_hu(standard) == pytest.approx(appearance.UNENHANCED_HU["liver"], abs=3)
+    torch.testing.assert_close(standard[3:], fresh.sample(k, 1)[3:])  # the labels stay
+    enhanced = fresh.sample(k, 1)
+    bone = fresh.contrast_free.structures[k] == train.ContrastFree.KEEP
+    air = enhanced[1] == 0
+    for target in (36.0, 64.0):
+        mapping = {**appearance.varied_mapping(rng), "targets": {**appearance.UNENHANCED_HU, "liver": target}}
+        x = fresh.sample(k, 1, unenhanced=1.0, version=1, mapping=mapping, rng=rng)
+        assert liver_hu(x) == pytest.approx(target, abs=3)
+        torch.testing.assert_close(x[1][bone | air], enhanced[1][bone | air])
+    aug = {"unenhanced_p": 1.0, "unenhanced_min": 1.0, "thick_p": 0.0, "thick_slices": [2]}
+    aug |= {"unenhanced_varied": 3, "unenhanced_fresh": True}
+    xs, ys, _ = train.make_batch([fresh], [(0, k)] * 32, plan, 512, np.random.default_rng(0), aug)
+    seen = sorted(float(xs[i, 1][ys[i, 0] > 0.5].median()) * 255 for i in range(32))
+    assert seen[0] < 42 and seen[-1] > 58  # fatty and normal livers in one batch
+    assert len({round(v) for v in seen}) >= 12  # not a few fixed versions
+
+
 def test_low_dose_adds_the_stated_noise_reproducibly(patient):
     ct = patient("3Dircadb1.17").ct
     a = appearance.low_dose(ct, np.random.default_rng(1))
@@ -405,7 +445,7 @@ def test_unenhanced_share_is_drawn_from_the_configured_range():
     class Sample:
         available = torch.ones(1, dtype=torch.bool)
 
-        def sample(self, k, context, unenhanced=0.0, slab=1, version=0):
+        def sample(self, k, context, unenhanced=0.0, slab=1, version=0, mapping=None, rng=None):
             return torch.full((2 * context + 2, 4, 4), unenhanced)
 
     from LiverSegUNetLib.preprocess import Plan
@@ -421,6 +461,13 @@ def _robustness(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m training.robustness ARGS`` from the repository root."""
     cmd = [sys.executable, "-m", "training.robustness", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_robustness_refuses_an_output_folder_that_does_not_exist_before_scoring(tmp_path):
+    out = tmp_path / "missing" / "robustness.json"
+    proc = _robustness("--model", str(DEFAULT_MODEL), "--conditions", "native", "-o", str(out), timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and str(out.parent) in proc.stderr
+    assert not out.parent.exists()
 
 
 def test_robustness_command_end_to_end(ircadb_root, tmp_path):

@@ -170,6 +170,23 @@ def test_extra_cases_showing_a_held_out_patient_are_found_by_their_pixels(msd_ro
     assert not overlap.same_slices(overlap.thumbnails(stored[None]), thumbs["3Dircadb1.1"]).any()
 
 
+def test_extra_slices_lose_their_contrast_on_the_fly_and_drop_cases_with_it(msd_root):
+    """``unenhanced_fresh`` on the extra slices: no version kept, the structure map is cut with the slices, and a
+    sample's liver lands at the unenhanced value drawn for it."""
+    plan = Plan(hu_min=0, hu_max=255, multiple=16)
+    extra = train.ExtraSlices(msd_root, plan, pixel_mm=1.5, varied=3, fresh=True)
+    assert extra.unenhanced is None and extra.unenhanced_varied == []
+    n, slices = extra.images.shape[0], extra.case_of.count("10067")
+    assert extra.drop_cases({"10067": "3Dircadb1.17"}) == slices
+    assert extra.contrast_free.structures.shape == extra.images.shape == (n - slices, 256, 256)
+    k = int(np.argmax(extra.labels[:, 0].float().sum(dim=(1, 2))))
+    rng = np.random.default_rng(0)
+    for liver_hu in (38.0, 62.0):
+        mapping = {"targets": {"liver": liver_hu}, "contrast": 0.6, "pull": 0.3}
+        x = extra.sample(k, 1, unenhanced=1.0, version=1, mapping=mapping, rng=rng)
+        assert float(x[1][x[3] > 0.5].median()) * 255 == pytest.approx(liver_hu, abs=3)
+
+
 def test_training_with_extra_slices_records_them(ircadb_root, msd_root, tmp_path):
     """A run with extra slices records them, leaving out the case that is its test patient."""
     proc = _train(
@@ -199,8 +216,8 @@ def test_overlapping_split_is_refused(ircadb_root, tmp_path):
     assert proc.returncode != 0 and "both in training and test" in proc.stderr
 
 
-class _Fake:
-    sample = train.PatientSlices.sample
+class _Fake(train.PatientSlices):
+    """Slices of one value (``tag``) that sample as a patient's do."""
 
     def __init__(self, n, tag):
         self.images = torch.full((n, 8, 8), float(tag))

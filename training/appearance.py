@@ -78,17 +78,21 @@ def unenhanced_hu(
     contrast: float = STRUCTURE_CONTRAST,
     pull: float = UNLABELLED_PULL,
     noise_hu: float = NOISE_HU,
+    medians: dict[str, float] | None = None,
 ) -> np.ndarray:
-    """``hu`` (any shape) as it would look without intravenous contrast (float32 HU); see the module docstring."""
+    """``hu`` (any shape) as it would look without intravenous contrast (float32 HU); see the module docstring.
+    ``medians``: each structure's enhanced median (:func:`structure_medians`) when ``hu`` is part of a volume
+    (a few slices of it); by default they are measured on ``hu``."""
     out = hu.astype(np.float32, copy=True)
     scale = np.ones(hu.shape, np.float32)
     keep = hu > BONE_HU if bone is None else bone > 0
+    if medians is None:
+        medians = structure_medians(hu, labels, names, keep)
     for index, name in enumerate(names, start=1):
         inside = (labels == index) & (hu > FAT_HU) & ~keep  # fat, air or bone at a mask's border stay
-        if not inside.any():
+        if name not in medians or not inside.any():
             continue
-        median = float(np.median(out[inside]))
-        out[inside] = targets[name] + contrast * (out[inside] - median)
+        out[inside] = targets[name] + contrast * (out[inside] - medians[name])
         scale[inside] = contrast
     other = (labels == 0) & ~keep & (hu > SOFT_TISSUE_HU)
     out[other] = SOFT_TISSUE_HU + pull * (out[other] - SOFT_TISSUE_HU)
@@ -98,6 +102,17 @@ def unenhanced_hu(
         lost = noise_hu * np.sqrt(1 - scale[changed] ** 2)
         out[changed] += lost * rng.standard_normal(int(changed.sum()), dtype=np.float32)
     return out
+
+
+def structure_medians(hu: np.ndarray, labels: np.ndarray, names: list[str], keep: np.ndarray) -> dict[str, float]:
+    """The enhanced median HU of each labelled structure (fat, air and the ``keep`` voxels, bone, left out), those
+    present in ``labels``."""
+    medians = {}
+    for index, name in enumerate(names, start=1):
+        inside = (labels == index) & (hu > FAT_HU) & ~keep
+        if inside.any():
+            medians[name] = float(np.median(hu[inside]))
+    return medians
 
 
 def varied_mapping(rng: np.random.Generator) -> dict:

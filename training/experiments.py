@@ -74,6 +74,9 @@ EXPERIMENTS = [
     "liver_general_seed1",
     "liver_decay",
     "liver_decay_seed1",
+    "liver_general_fine_seed1",
+    "liver_fresh",
+    "liver_general_seed2",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
@@ -97,6 +100,8 @@ REPLICATES = {
     "liver_aspect_seed1": "liver_aspect",
     "liver_general_seed1": "liver_general",
     "liver_decay_seed1": "liver_decay",
+    "liver_general_fine_seed1": "liver_general_fine",
+    "liver_general_seed2": "liver_general",
 }
 #: Experiments sized for a GPU (python -m training.slot sweep, then slot score brings the fold models here):
 #: the LOO stage runs them only when named with --only; once their fold runs exist they compete as any other.

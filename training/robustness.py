@@ -455,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--openings {args.openings!r}: give radii in mm, e.g. 0,6,7.5")
     if any(r < 0 for r in openings) or (openings and thresholds):
         parser.error("--openings: radii must be 0 or more, and are not combined with --thresholds")
+    if args.output and not args.output.parent.is_dir():  # found now, not after the scoring
+        parser.error(f"-o {args.output}: the folder {args.output.parent} does not exist; create it or write elsewhere")
     data = args.data or default_data_root()
     if args.runs:
         models = loo_models(args.runs, args.experiments, args.device) if args.experiments or not args.ensemble else {}

@@ -123,17 +123,144 @@ def structure_keys(cfg: dict) -> list[str]:
 # -- data ------------------------------------------------------------------------------------
 
 
-class PatientSlices:
+class ContrastFree:
+    """Contrast removed on the fly, each sample with unenhanced values of its own (``augment.unenhanced_fresh``).
+
+    Holds which structure each model-grid pixel of a patient's slices belongs to (0: none, ``KEEP``: bone, fat or
+    air, left alone) and each structure's enhanced median HU over the whole volume (over each case's slices where
+    they come from many patients, as the extra 2D slices do: ``group``), so that :func:`appearance.unenhanced_hu`
+    can map the few slices of one sample with a freshly drawn mapping (:func:`appearance.varied_mapping`). A run
+    then sees the unenhanced range as a continuum rather than the few patients that ``augment.unenhanced_varied``
+    precomputes (fixed per patient, the same in every run: the folds of three-patient leave-one-out saw no liver
+    below 46 HU). ``noise_hu`` is the image noise the mapping puts back, as it is on the model grid
+    (area-averaging to coarser pixels lowers white noise in proportion).
+    """
+
+    KEEP = 255
+
+    def __init__(
+        self,
+        structures: np.ndarray,
+        names: list[str],
+        medians: list[dict],
+        group: np.ndarray,
+        plan: Plan,
+        noise_hu: float,
+    ):
+        self.structures, self.names, self.medians = torch.from_numpy(structures), names, medians
+        self.group = torch.from_numpy(group)
+        self.plan, self.noise_hu = plan, noise_hu
+
+    @classmethod
+    def on_grid(
+        cls,
+        hu: np.ndarray,
+        labels: np.ndarray,
+        names: list[str],
+        keep: np.ndarray,
+        grid: SliceGrid,
+        plan,
+        pixel_mm: float,
+        group: np.ndarray | None = None,
+    ) -> ContrastFree:
+        """From slices ``(N, H, W)`` of HU, their structure labels (:func:`appearance.structure_labels`) and the
+        voxels to leave alone (bone), all on the slices' own grid of ``pixel_mm`` pixels; ``group``: which
+        patient each slice shows, ``(N,)`` 0..G-1 (default: all one patient)."""
+        keep = keep | (hu <= appearance.FAT_HU)
+        group = np.zeros(hu.shape[0], np.int64) if group is None else np.asarray(group, np.int64)
+        medians = [
+            appearance.structure_medians(hu[group == g], labels[group == g], names, keep[group == g])
+            for g in range(int(group.max()) + 1)
+        ]
+        codes = np.where(keep, cls.KEEP, labels).astype(np.float32)
+        resized = F.interpolate(torch.from_numpy(codes)[:, None], size=grid.size, mode="nearest-exact")[:, 0]
+        pad = (0, grid.padded[1] - grid.size[1], 0, grid.padded[0] - grid.size[0])
+        structures = F.pad(resized, pad).to(torch.uint8).numpy()
+        noise = appearance.NOISE_HU * min(1.0, pixel_mm / plan.spacing_mm)
+        return cls(structures, names, medians, group, plan, noise)
+
+    def keep_only(self, keep: torch.Tensor) -> None:
+        """Drop the slices where ``keep`` (``(N,)`` bool) is false, as the images were."""
+        self.structures, self.group = self.structures[keep], self.group[keep]
+
+    def apply(self, x: torch.Tensor, index, rng: np.random.Generator, mapping: dict) -> torch.Tensor:
+        """Normalized slices ``x`` (those at ``index`` of the patient's, any leading shape, all of one ``group``)
+        without contrast, by the standard mapping or the one given (``targets``, ``contrast``, ``pull``)."""
+        codes = self.structures[index].numpy()
+        keep = codes == self.KEEP
+        width = self.plan.hu_max - self.plan.hu_min
+        hu = x.numpy() * width + self.plan.hu_min
+        medians = self.medians[int(self.group[index].reshape(-1)[0])]
+        out = appearance.unenhanced_hu(
+            hu, np.where(keep, 0, codes), self.names, keep, rng, noise_hu=self.noise_hu, medians=medians, **mapping
+        )
+        return ((torch.from_numpy(out) - self.plan.hu_min) / width).clamp(0, 1)
+
+
+class SliceSet:
+    """What :func:`make_batch` samples from: slices and labels on the model grid, with their contrast-free
+    versions (precomputed, or a :class:`ContrastFree` to map on the fly)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    unenhanced: torch.Tensor | None = None
+    unenhanced_varied: list
+    contrast_free: ContrastFree | None = None
+
+    def index(self, k: int, context: int, slab: int) -> torch.Tensor:
+        """The slices that make sample ``k``'s channels, ``(channels, slab)``."""
+        raise NotImplementedError
+
+    def contrast_free_slices(self, index, version: int, mapping: dict | None, rng) -> torch.Tensor:
+        """The contrast-free version of ``images[index]`` (float): mapped on the fly where the set holds a
+        :class:`ContrastFree` (``mapping``: the sample's own, ``{}`` the standard one), else the precomputed
+        version (``version`` 0: the standard mapping, > 0: one of the ``unenhanced_varied``)."""
+        if self.contrast_free is not None:
+            return self.contrast_free.apply(self.images[index].float(), index, rng, mapping or {})
+        return (self.unenhanced_varied[version - 1] if version else self.unenhanced)[index].float()
+
+    def sample(
+        self,
+        k: int,
+        context: int,
+        unenhanced: float = 0.0,
+        slab: int = 1,
+        version: int = 0,
+        mapping: dict | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> torch.Tensor:
+        """``(2 * context + 1 + structures, H, W)``: slice ``k`` with its neighbours as channels (:meth:`index`;
+        each the mean of its slab), then its labels. ``unenhanced`` (0..1) blends in the contrast-free slices
+        (:meth:`contrast_free_slices`: ``version`` > 0 the varied ones, or ``mapping`` drawn for this sample,
+        whose noise comes from ``rng``)."""
+        index = self.index(k, context, slab)
+        x = self.images[index].float().mean(1)
+        if unenhanced > 0 and (self.unenhanced is not None or self.contrast_free is not None):
+            x = (1 - unenhanced) * x + unenhanced * self.contrast_free_slices(index, version, mapping, rng).mean(1)
+        y = self.labels[index[index.shape[0] // 2]].float().mean(0)
+        return torch.cat([x.expand(2 * context + 1, -1, -1), y])
+
+
+class PatientSlices(SliceSet):
     """One patient's slices and per-structure labels ``(slices, structures, H, W)`` on the model grid, held
     in memory as float16, and which structures have a target (``available``; a missing one is all zeros).
 
     With ``unenhanced``, also the same slices without contrast enhancement (``appearance.unenhanced_hu``
     with the patient's organ masks), which training blends in with a random weight; with ``varied`` > 0,
     that many more contrast-free versions, each with its own random unenhanced values
-    (``appearance.varied_mapping``), in ``unenhanced_varied``.
+    (``appearance.varied_mapping``), in ``unenhanced_varied``. With ``fresh``, none is precomputed: a
+    :class:`ContrastFree` maps each sample with the values it is given.
     """
 
-    def __init__(self, patient: IrcadbPatient, keys: list[str], plan: Plan, unenhanced: bool = False, varied: int = 0):
+    def __init__(
+        self,
+        patient: IrcadbPatient,
+        keys: list[str],
+        plan: Plan,
+        unenhanced: bool = False,
+        varied: int = 0,
+        fresh: bool = False,
+    ):
         ct = patient.ct
         masks = appearance.masks_of(patient) if unenhanced else {}
         reorient = Reorientation(ct)
@@ -150,7 +277,18 @@ class PatientSlices:
                 lab = torch.from_numpy(np.ascontiguousarray(reorient.forward(target)))
                 self.labels[:, index] = to_model_grid(lab.float(), grid).half()
         self.unenhanced, self.unenhanced_varied = None, []
-        if unenhanced:
+        if unenhanced and fresh:
+            structure, names = appearance.structure_labels(ct.shape, masks)
+            bone = masks["bone"] > 0 if "bone" in masks else ct.array > appearance.BONE_HU
+            self.contrast_free = ContrastFree.on_grid(
+                *(np.ascontiguousarray(reorient.forward(a)) for a in (ct.array, structure)),
+                names,
+                np.ascontiguousarray(reorient.forward(bone)),
+                grid,
+                plan,
+                min(reorient.spacing(ct)[:2]),
+            )
+        elif unenhanced:
             rng = np.random.default_rng(sum(map(ord, patient.name)))
             mappings = [{}, *(appearance.varied_mapping(rng) for _ in range(varied))]
             for mapping in mappings:
@@ -159,21 +297,11 @@ class PatientSlices:
                 self.unenhanced_varied.append(plain.half())
             self.unenhanced = self.unenhanced_varied.pop(0)
 
-    def sample(self, k: int, context: int, unenhanced: float = 0.0, slab: int = 1, version: int = 0) -> torch.Tensor:
-        """``(2 * context + 1 + structures, H, W)``: slice ``k`` with its neighbours as channels, then its labels.
-
-        ``unenhanced`` (0..1) blends in the contrast-free slices (``version`` > 0: the varied ones); ``slab``
-        > 1 averages ``slab`` contiguous slices per channel, neighbours one slab apart, as a CT with thick
-        slices shows them.
-        """
+    def index(self, k: int, context: int, slab: int) -> torch.Tensor:
+        """``(channels, slab)``: slice ``k`` and its neighbours, ``slab`` > 1 contiguous slices each, neighbours one
+        slab apart, as a CT with thick slices shows them."""
         offsets = (torch.arange(-context, context + 1) * slab)[:, None] + (torch.arange(slab) - (slab - 1) // 2)[None]
-        index = (k + offsets).clamp(0, self.images.shape[0] - 1)  # (channels, slab)
-        x = self.images[index].float().mean(1)
-        if unenhanced > 0 and self.unenhanced is not None:
-            plain = self.unenhanced_varied[version - 1] if version else self.unenhanced
-            x = (1 - unenhanced) * x + unenhanced * plain[index].float().mean(1)
-        y = self.labels[index[context]].float().mean(0)
-        return torch.cat([x, y])
+        return (k + offsets).clamp(0, self.images.shape[0] - 1)
 
 
 def _radiological(name: str, image: np.ndarray) -> np.ndarray:
@@ -187,7 +315,7 @@ def _radiological(name: str, image: np.ndarray) -> np.ndarray:
     raise SystemExit(f"unexpected msd_liver_2d file name {name!r} (expected flipped_* or mirrored_*)")
 
 
-class ExtraSlices:
+class ExtraSlices(SliceSet):
     """Liver slices of other patients (the ``msd_liver_2d`` layout): extra variety for training, never evaluation.
 
     Intensity is HU clipped to 0..255 stored as 8-bit JPEG, so it is read as HU and put through the
@@ -196,7 +324,9 @@ class ExtraSlices:
     1.5 mm). Each slice has no neighbours, so its context channels repeat it.
     """
 
-    def __init__(self, folder: Path, plan: Plan, pixel_mm: float, structures: int = 1, varied: int = 0):
+    def __init__(
+        self, folder: Path, plan: Plan, pixel_mm: float, structures: int = 1, varied: int = 0, fresh: bool = False
+    ):
         import SimpleITK as sitk
 
         files = sorted((folder / "images").glob("*.jpg"))
@@ -222,28 +352,31 @@ class ExtraSlices:
         # Contrast removed with the liver mask only; the 8-bit storage clips at 255 HU, so that is bone.
         rng = np.random.default_rng(0)
         self.unenhanced_varied = []
-        for mapping in [{}, *(appearance.varied_mapping(rng) for _ in range(varied))]:
+        if fresh:
+            case = np.unique(self.case_of, return_inverse=True)[1]  # each case its own medians: phases differ
+            self.contrast_free = ContrastFree.on_grid(
+                hu, liver.astype(np.uint8), ["liver"], hu >= 250, grid, plan, pixel_mm, case
+            )
+        for mapping in [] if fresh else [{}, *(appearance.varied_mapping(rng) for _ in range(varied))]:
             plain = appearance.unenhanced_hu(hu, liver.astype(np.uint8), ["liver"], hu >= 250, rng, **mapping)
             self.unenhanced_varied.append(prepare_slices(torch.from_numpy(plain), grid, plan).half())
-        self.unenhanced = self.unenhanced_varied.pop(0)
+        self.unenhanced = self.unenhanced_varied.pop(0) if self.unenhanced_varied else None
 
-    def sample(self, k: int, context: int, unenhanced: float = 0.0, slab: int = 1, version: int = 0) -> torch.Tensor:
-        """``(2 * context + 1 + structures, H, W)``: slice ``k`` repeated as its own neighbours, then its labels
-        (``unenhanced`` blends in the contrast-free slice, ``version`` > 0: a varied one; a single slice has no
-        slab to average)."""
-        x = self.images[k : k + 1].float()
-        if unenhanced > 0:
-            plain = self.unenhanced_varied[version - 1] if version else self.unenhanced
-            x = (1 - unenhanced) * x + unenhanced * plain[k : k + 1].float()
-        return torch.cat([x.expand(2 * context + 1, -1, -1), self.labels[k].float()])
+    def index(self, k: int, context: int, slab: int) -> torch.Tensor:
+        """``(1, 1)``: slice ``k`` alone, which :meth:`SliceSet.sample` repeats as its own neighbours (a single
+        slice has no neighbours and no slab to average)."""
+        return torch.tensor([[k]])
 
     def drop_cases(self, cases) -> int:
         """Remove every slice of ``cases``, in place; how many slices went."""
         dropped = set(cases)
         keep = torch.tensor([c not in dropped for c in self.case_of], dtype=torch.bool)
         for name in ("images", "labels", "unenhanced", "thumbs"):
-            setattr(self, name, getattr(self, name)[keep])
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[keep])
         self.unenhanced_varied = [v[keep] for v in self.unenhanced_varied]
+        if self.contrast_free is not None:
+            self.contrast_free.keep_only(keep)
         self.case_of = [c for c, k in zip(self.case_of, keep.tolist()) if k]
         self.cases = sorted(set(self.case_of))
         return int((~keep).sum())
@@ -350,12 +483,12 @@ def make_batch(
 
     Per sample, with probability ``aug["unenhanced_p"]`` the contrast is removed by a random share
     (uniform ``aug["unenhanced_min"]``..1; one of the ``aug["unenhanced_varied"]`` + 1 contrast-free versions
-    at random), and with probability ``aug["thick_p"]`` the slices are averaged
-    into slabs of one of ``aug["thick_slices"]`` slices. Where more than half the contrast was removed, the structures
-    flagged in ``contrast_only`` (``(S,)`` bool) are no target for that sample. With probability
-    ``aug["pull_p"]`` every value above ``aug["pull_hu"]`` is pulled towards it (:func:`pulled_down`), and with
-    probability ``aug["lesion_p"]`` synthetic lesions are painted inside the first structure's mask (the liver;
-    :func:`with_lesions`).
+    at random, where with ``aug["unenhanced_fresh"]`` each varied one is a mapping drawn for the sample), and
+    with probability ``aug["thick_p"]`` the slices are averaged into slabs of one of ``aug["thick_slices"]``
+    slices. Where more than half the contrast was removed, the structures flagged in ``contrast_only``
+    (``(S,)`` bool) are no target for that sample. With probability ``aug["pull_p"]`` every value above
+    ``aug["pull_hu"]`` is pulled towards it (:func:`pulled_down`), and with probability ``aug["lesion_p"]``
+    synthetic lesions are painted inside the first structure's mask (the liver; :func:`with_lesions`).
     """
     xs, ys, available = [], [], []
     channels = 2 * plan.context + 1
@@ -369,7 +502,9 @@ def make_batch(
         slab = int(rng.choice(aug["thick_slices"])) if aug["thick_p"] > 0 and rng.uniform() < aug["thick_p"] else 1
         varied = aug.get("unenhanced_varied", 0)
         version = int(rng.integers(varied + 1)) if unenhanced > 0 and varied > 0 else 0
-        both = crop_or_pad(train[p].sample(k, plan.context, unenhanced, slab, version), crop, rng)
+        # unenhanced_fresh: a varied version is a new random unenhanced patient, drawn for this sample
+        mapping = appearance.varied_mapping(rng) if version and aug.get("unenhanced_fresh", False) else {}
+        both = crop_or_pad(train[p].sample(k, plan.context, unenhanced, slab, version, mapping, rng), crop, rng)
         if aug.get("pull_p", 0.0) > 0 and rng.uniform() < aug["pull_p"]:
             both[:channels] = pulled_down(both[:channels], plan, aug["pull_hu"], rng.uniform(aug["pull_min"], 1.0))
         if aug.get("lesion_p", 0.0) > 0 and rng.uniform() < aug["lesion_p"]:  # drawn only when enabled
@@ -780,13 +915,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"patients {sorted(leaked)} are both in training and test; refusing to run")
     cache = Path(cfg["cache"]) if cfg["cache"] else None  # packed slices (training/packed.py) instead of the data
     varied = cfg["augment"]["unenhanced_varied"] if unenhanced else 0
-    if cache is not None and varied:
+    fresh = unenhanced and cfg["augment"]["unenhanced_fresh"]
+    if cache is not None and (varied or fresh):
         raise SystemExit(
-            "packed slices hold one contrast-free version; set augment.unenhanced_varied = 0 or cache = ''"
+            "packed slices hold one contrast-free version; set augment.unenhanced_varied = 0 and "
+            "augment.unenhanced_fresh = false, or cache = ''"
         )
     if cache is None:
         patients = {n: IrcadbPatient(data_root / n) for n in cfg["train_patients"] + cfg["test_patients"]}
-        train = [PatientSlices(patients[n], keys, plan, unenhanced, varied) for n in cfg["train_patients"]]
+        train = [PatientSlices(patients[n], keys, plan, unenhanced, varied, fresh) for n in cfg["train_patients"]]
         test = [patients[n] for n in cfg["test_patients"]]
         test_slices = [PatientSlices(p, keys[:1], plan) for p in test] if cfg["validate"] and rank == 0 else []
     else:  # no 3D evaluation: the original grids are not packed; the per-epoch validation on the model grid is
@@ -802,7 +939,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"extra_2d holds liver slices; the first structure is {keys[0]!r}")
         extra = (
             ExtraSlices(
-                (args.data or default_data_root()) / cfg["extra_2d"], plan, cfg["extra_2d_pixel_mm"], len(keys), varied
+                (args.data or default_data_root()) / cfg["extra_2d"],
+                plan,
+                cfg["extra_2d_pixel_mm"],
+                len(keys),
+                varied,
+                fresh,
             )
             if cache is None
             else packed.load(packed.path_for(cache, cfg["extra_2d"]), plan, keys, True)
