@@ -608,6 +608,43 @@ def test_the_final_stage_weighs_a_recipe_by_all_its_runs(tmp_path):
         assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_deep"
 
 
+def test_the_shipped_recipe_stays_unless_beaten_by_more_than_a_rerun_moves(tmp_path):
+    """The incumbent default is replaced only by a recipe better than it by more than two runs of one recipe
+    differ (``run_spreads``), natively or in the worst condition; without an incumbent the rule is as before."""
+    from training import experiments
+
+    def runs_at(exp, means):  # one run per mean, each over two held-out patients (mean - 0.01, mean + 0.01)
+        for run, mean in zip([exp, f"{exp}_seed1", f"{exp}_seed2"], means):
+            for patient, value in (("p1", mean - 0.01), ("p2", mean + 0.01)):
+                card = tmp_path / patient / run / "model.json"
+                card.parent.mkdir(parents=True, exist_ok=True)
+                card.write_text(json.dumps({"provenance": {"held_out_metrics": {patient: {"dice": value}}}}))
+
+    runs_at("liver_general", [0.91, 0.91, 0.905])  # a rerun moves the native mean by up to 0.005
+    runs_at("liver_decay", [0.912, 0.912])
+    assert experiments.run_spreads(tmp_path) == (pytest.approx(0.005), 0.0)
+    assert experiments.best_liver_experiment(tmp_path)[0] == "liver_decay"  # no incumbent: the best mean
+    assert experiments.best_liver_experiment(tmp_path, incumbent="liver_general")[0] == "liver_general"  # +0.0037
+    assert experiments.best_liver_experiment(tmp_path, incumbent="liver_decay")[0] == "liver_decay"
+    runs_at("liver_decay", [0.915, 0.915])  # +0.0067: more than a rerun moves
+    assert experiments.best_liver_experiment(tmp_path, incumbent="liver_general")[0] == "liver_decay"
+    runs_at("liver_decay", [0.906, 0.906])  # below natively, better in the worst condition ...
+    conditions = {
+        r: {"native": {"p1": 0.9, "p2": 0.92}, "dark": {"p1": v, "p2": v}}
+        for r, v in [("liver_general", 0.86), ("liver_general_seed1", 0.85), ("liver_general_seed2", 0.71)]
+    }
+    conditions |= {
+        r: {"native": {"p1": 0.9, "p2": 0.92}, "dark": {"p1": 0.85, "p2": 0.85}}
+        for r in ("liver_decay", "liver_decay_seed1")
+    }
+    spreads = experiments.run_spreads(tmp_path, conditions)
+    assert spreads == (pytest.approx(0.005), pytest.approx(0.15))  # the dark condition moves 0.15 between runs
+    assert experiments.best_liver_experiment(tmp_path, conditions)[0] == "liver_decay"  # 0.85 against 0.807
+    # ... but by less than a rerun moves there (0.043 < 0.15): the incumbent stays
+    assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_general")[0] == "liver_general"
+    assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_unknown")[0] == "liver_decay"
+
+
 def test_a_recipe_run_once_does_not_compete_with_recipes_run_twice(tmp_path):
     """``MIN_RUNS``: where some recipes were run with two seeds, a recipe run once is not chosen however its one
     run scored (its bad run may not have happened yet); where none was, every recipe competes."""

@@ -296,13 +296,32 @@ def oversized(runs: Path, experiments) -> list[str]:
     )
 
 
-def best_liver_experiment(runs: Path, robustness: dict | None = None) -> tuple[str, dict]:
+def run_spreads(runs: Path, robustness: dict | None = None) -> tuple[float, float]:
+    """What a rerun alone moves: the largest difference between two runs of one recipe (among the candidates run
+    more than once) in mean leave-one-out Dice, and in the mean of the worst robustness condition (each run's
+    own worst, over the conditions all those runs were scored on); 0 where no recipe was run twice."""
+    done, scores = recipe_runs(runs)
+    native_spread = worst_spread = 0.0
+    for rs in (rs for rs in done.values() if len(rs) > 1):
+        means = [sum(m["dice"] for m in scores[r].values()) / len(scores[r]) for r in rs]
+        native_spread = max(native_spread, max(means) - min(means))
+        tables = [robustness[r] for r in rs if robustness and r in robustness]
+        if len(tables) > 1:
+            shared = set.intersection(*(set(c for c, v in t.items() if v) for t in tables))
+            worst = [min(sum(t[c].values()) / len(t[c]) for c in shared) for t in tables]
+            worst_spread = max(worst_spread, max(worst) - min(worst))
+    return native_spread, worst_spread
+
+
+def best_liver_experiment(runs: Path, robustness: dict | None = None, incumbent: str | None = None) -> tuple[str, dict]:
     """The liver experiment to ship, and its per-patient leave-one-out metrics (of its own run, not its reruns).
 
     By mean leave-one-out Dice; where robustness results exist for the candidates, the one with the
     best worst-condition mean among those within ``NATIVE_TOLERANCE`` of the best native mean, if that is
     more than ``WORST_MARGIN`` above the best native recipe's own. Both means are over the recipe's runs
-    (``recipe_means``). A recipe whose network is larger than
+    (``recipe_means``). The ``incumbent`` (the recipe shipped now), when it competes, stays unless the pick
+    beats it by more than a rerun alone moves (``run_spreads``) in native Dice or in the worst condition: the
+    default does not change on a run's luck. A recipe whose network is larger than
     ``DEFAULT_WEIGHTS_BUDGET_MB`` is not a candidate, unless the accurate ensemble already bundles it; where
     some candidates have ``MIN_RUNS`` runs, the others are not candidates either (``contenders``).
     """
@@ -322,6 +341,12 @@ def best_liver_experiment(runs: Path, robustness: dict | None = None) -> tuple[s
         challenger = max(close, key=robust.get)
         if best not in robust or robust[challenger] > robust[best] + WORST_MARGIN:
             best = challenger
+    if incumbent in native and best != incumbent:
+        native_spread, worst_spread = run_spreads(runs, robustness)
+        better_native = native[best] > native[incumbent] + native_spread
+        better_worst = best in robust and incumbent in robust and robust[best] > robust[incumbent] + worst_spread
+        if not (better_native or better_worst):
+            best = incumbent
     return best, loo_scores(runs, [best])[best]
 
 
@@ -343,7 +368,9 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
     from LiverSegUNetLib.weights import ACCURATE_MODEL, DEFAULT_MODEL, load_model, save_member_card, save_model
 
     robustness = json.loads(robustness_file.read_text())["results"] if robustness_file.exists() else None
-    best, loo_metrics = best_liver_experiment(runs, robustness)
+    incumbent = shipped_recipe()
+    best, loo_metrics = best_liver_experiment(runs, robustness, incumbent)
+    native_spread, worst_spread = run_spreads(runs, robustness)
     candidates, _ = recipe_runs(runs)
     reruns = {e: rs for e, rs in candidates.items() if len(rs) > 1}
     too_large = oversized(runs, candidates)
@@ -374,6 +401,12 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
                 if robustness
                 else ""
             )
+            + (
+                f"; the recipe shipped before, {incumbent}, stays unless beaten by more than a rerun moves"
+                f" (native {native_spread:.3f}, worst condition {worst_spread:.3f})"
+                if incumbent
+                else ""
+            )
         ),
         "leave_one_out_metrics": loo_metrics,
         **({"robustness_dice": robustness[best]} if robustness and best in robustness else {}),
@@ -394,6 +427,15 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
     record_sample_agreement(card)
     print(f"installed {best} trained on {patients} as {portable(str(card))}")
     return card
+
+
+def shipped_recipe() -> str | None:
+    """The recipe of the default model installed now (its card's training config), if there is one."""
+    from LiverSegUNetLib.weights import DEFAULT_MODEL
+
+    if not DEFAULT_MODEL.exists():
+        return None
+    return json.loads(DEFAULT_MODEL.read_text())["provenance"].get("config", {}).get("name")
 
 
 def record_sample_agreement(card: Path) -> float:
