@@ -221,24 +221,35 @@ def recipe_runs(runs: Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
     return {e: [r for r in runs_of(e) if r in scores] for e in LIVER if e in scores}, scores
 
 
+def run_dice(metrics: dict[str, dict]) -> float:
+    """One run's mean leave-one-out Dice over its held-out patients (``loo_scores`` values)."""
+    return sum(m["dice"] for m in metrics.values()) / len(metrics)
+
+
+def scored_conditions(tables) -> set[str]:
+    """The robustness conditions every one of ``tables`` (condition -> patient -> Dice) was scored on."""
+    return set.intersection(*(set(c for c, v in t.items() if v) for t in tables))
+
+
+def condition_mean(table: dict, condition: str) -> float:
+    """A robustness table's mean Dice over the held-out patients in ``condition``."""
+    return sum(table[condition].values()) / len(table[condition])
+
+
 def recipe_means(runs: Path, robustness: dict | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Per candidate recipe, its mean leave-one-out Dice and its worst robustness condition's mean, each over
     the recipe's runs found finished (itself and its seed reruns): one run's luck weighs less where a recipe
     was run twice. A condition's mean is averaged over the runs scored on it before the worst is taken, and
     only the conditions every scored candidate run has are compared."""
     done, scores = recipe_runs(runs)
-    native = {
-        e: sum(sum(m["dice"] for m in scores[r].values()) / len(scores[r]) for r in rs) / len(rs)
-        for e, rs in done.items()
-    }
+    native = {e: sum(run_dice(scores[r]) for r in rs) / len(rs) for e, rs in done.items()}
     scored = {e: [robustness[r] for r in rs if robustness and r in robustness] for e, rs in done.items()}
     scored = {e: tables for e, tables in scored.items() if tables}
     if not scored:
         return native, {}
-    shared = set.intersection(*(set(c for c, v in t.items() if v) for tables in scored.values() for t in tables))
+    shared = scored_conditions(t for tables in scored.values() for t in tables)
     robust = {
-        e: min(sum(sum(t[c].values()) / len(t[c]) for t in tables) / len(tables) for c in shared)
-        for e, tables in scored.items()
+        e: min(sum(condition_mean(t, c) for t in tables) / len(tables) for c in shared) for e, tables in scored.items()
     }
     return native, robust
 
@@ -303,12 +314,12 @@ def run_spreads(runs: Path, robustness: dict | None = None) -> tuple[float, floa
     done, scores = recipe_runs(runs)
     native_spread = worst_spread = 0.0
     for rs in (rs for rs in done.values() if len(rs) > 1):
-        means = [sum(m["dice"] for m in scores[r].values()) / len(scores[r]) for r in rs]
+        means = [run_dice(scores[r]) for r in rs]
         native_spread = max(native_spread, max(means) - min(means))
         tables = [robustness[r] for r in rs if robustness and r in robustness]
         if len(tables) > 1:
-            shared = set.intersection(*(set(c for c, v in t.items() if v) for t in tables))
-            worst = [min(sum(t[c].values()) / len(t[c]) for c in shared) for t in tables]
+            shared = scored_conditions(tables)
+            worst = [min(condition_mean(t, c) for c in shared) for t in tables]
             worst_spread = max(worst_spread, max(worst) - min(worst))
     return native_spread, worst_spread
 
