@@ -345,12 +345,17 @@ def test_a_weight_averaged_run_saves_the_average_and_its_last_weights(ircadb_roo
         "liver_scratch",
         "epochs=2",
         "average_from=0.5",
+        "snapshots=[1, 2]",
         "samples_fraction=0.05",
         'train_patients=["3Dircadb1.7"]',
         'test_patients=["3Dircadb1.17"]',
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "averaged the weights of 1 epochs from epoch 2 on" in proc.stderr
+    # the weights on the way are kept where asked: the last epoch's snapshot is the last weights, an earlier one not
+    snaps = {e: load_model(tmp_path / "run" / f"epoch{e}" / "model.json") for e in (1, 2)}
+    assert set(snaps[1].card["provenance"]["held_out_metrics"]) == {"3Dircadb1.17"}
+    assert not (tmp_path / "run" / "epoch3").exists()
     averaged, last = load_model(tmp_path / "run" / "model.json"), load_model(tmp_path / "run" / "last" / "model.json")
     prov = averaged.card["provenance"]
     assert set(prov["held_out_metrics"]) == set(prov["held_out_metrics_last_weights"]) == {"3Dircadb1.17"}
@@ -358,6 +363,8 @@ def test_a_weight_averaged_run_saves_the_average_and_its_last_weights(ircadb_roo
     # one epoch averaged: the same weights, but batch-norm statistics measured again
     a, b = averaged.network.state_dict(), last.network.state_dict()
     assert torch.equal(a["head.weight"], b["head.weight"])
+    assert all(torch.equal(v, snaps[2].network.state_dict()[k]) for k, v in b.items())
+    assert not torch.equal(snaps[1].network.state_dict()["head.weight"], b["head.weight"])
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("running_mean"))
     # the robustness evaluation finds the last weights by name beside the average
     from training import robustness
@@ -478,20 +485,28 @@ def test_every_experiment_config_is_valid_and_run_by_the_experiments():
 
 
 def test_the_report_question_is_asked_again_at_the_shipped_recipe():
-    """The *_final transfer configs train with the shipped default's recipe (``liver_general``; RESULTS.md,
-    rows "(general)"): its network, window, augmentations and extra slices (the bone source without the
-    liver-only slices), only the organ, subset and start differ."""
+    """The *_final transfer configs train with the shipped default's training recipe (``liver_general``, which the
+    default ``liver_general_avg`` reads out with averaged weights; RESULTS.md, rows "(general)"): its network,
+    window, augmentations and extra slices (the bone source without the liver-only slices), only the organ, subset
+    and start differ, and how the weights are read out (``experiments.READ_OUT_KEYS``)."""
+    from training import experiments
+
     shipped = json.loads((ROOT / "LiverSegUNet/LiverSegUNetLib/models/liver_unet2d.json").read_text())
     recipe = train.load_config(CONFIGS / f"{shipped['provenance']['config']['name']}.toml")
-    assert recipe["name"] == "liver_general"
+    assert recipe["name"] == "liver_general_avg" and recipe["average_from"] > 0
+
+    def differs(cfg):
+        return {k for k in cfg if cfg[k] != recipe[k]} - experiments.READ_OUT_KEYS
+
     for name in ("bone_pretrain_final", "liver_scratch_25_final", "liver_transfer_25_final"):
         cfg = train.load_config(CONFIGS / f"{name}.toml")
         assert cfg["plan"] == recipe["plan"] and cfg["augment"] == recipe["augment"], name
         assert [cfg[k] for k in ("depth", "base", "max_width")] == [recipe[k] for k in ("depth", "base", "max_width")]
     scratch = train.load_config(CONFIGS / "liver_scratch_25_final.toml")
-    assert {k for k in scratch if scratch[k] != recipe[k]} == {"name", "samples_fraction"}
+    assert differs(scratch) == {"samples_fraction"}
     bone = train.load_config(CONFIGS / "bone_pretrain_final.toml")
-    assert {k for k in bone if bone[k] != recipe[k]} == {"name", "organ", "epochs", "extra_2d", "extra_2d_share"}
+    assert differs(bone) == {"organ", "epochs", "extra_2d", "extra_2d_share"}
+    assert differs(train.load_config(CONFIGS / "liver_general.toml")) == set()
     assert "(general)" in (ROOT / "training/results/RESULTS.md").read_text()
 
 
@@ -643,6 +658,59 @@ def test_the_shipped_recipe_stays_unless_beaten_by_more_than_a_rerun_moves(tmp_p
     # ... but by less than a rerun moves there (0.043 < 0.15): the incumbent stays
     assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_general")[0] == "liver_general"
     assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_unknown")[0] == "liver_decay"
+
+
+def test_the_shipped_recipe_gives_way_to_its_own_trainings_averaged_only_if_better_pair_by_pair(tmp_path):
+    """A recipe whose every run is one of the incumbent's trainings with its weights averaged (the same config but
+    for the read-out, last weights scoring as the incumbent's run to the last digit) replaces it when better in the
+    worst condition in every pair and not lower natively over the pairs, though by less than a rerun moves."""
+    from training import experiments
+
+    def card(run, patient, dice, seed, last=None, lr=0.002):
+        config = {"name": run, "seed": seed, "lr": lr, "average_from": 0.5 if last is not None else 0.0}
+        if last is not None:  # keys added to the code since the plain runs were trained, off: not a difference
+            config |= {"snapshots": [], "augment": {"aspect": 0.0}}
+        provenance = {"held_out_metrics": {patient: {"dice": dice}}, "config": config}
+        if last is not None:
+            provenance["held_out_metrics_last_weights"] = {patient: {"dice": last}}
+        path = tmp_path / patient / run / "model.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"provenance": provenance}))
+
+    plain = {"liver_general": (0, 0.90, 0.92), "liver_general_seed2": (2, 0.89, 0.93)}
+    for run, (seed, p1, p2) in plain.items():
+        card(run, "p1", p1, seed)
+        card(run, "p2", p2, seed)
+    for run, (seed, p1, p2) in {
+        "liver_general_avg": (0, 0.905, 0.92),
+        "liver_general_avg_seed2": (2, 0.89, 0.93),
+    }.items():
+        base = plain[run.replace("_avg", "")]
+        card(run, "p1", p1, seed, last=base[1])
+        card(run, "p2", p2, seed, last=base[2])
+    assert experiments.same_training(tmp_path, "liver_general_avg", "liver_general")
+    assert not experiments.same_training(tmp_path, "liver_general_avg", "liver_general_seed2")  # other weights
+    dark = {
+        "liver_general": 0.86,
+        "liver_general_seed2": 0.42,
+        "liver_general_avg": 0.87,
+        "liver_general_avg_seed2": 0.68,
+    }
+    conditions = {r: {"native": {"p1": 0.9, "p2": 0.92}, "dark": {"p1": v, "p2": v}} for r, v in dark.items()}
+    gains = experiments.read_out_gains(tmp_path, conditions, "liver_general_avg", "liver_general")
+    assert gains == [(pytest.approx(0.0025), pytest.approx(0.01)), (0.0, pytest.approx(0.26))]
+    # +0.135 in the mean of the worst condition is less than the seeds move it (0.44): the spread rule alone keeps it
+    assert experiments.run_spreads(tmp_path, conditions)[1] == pytest.approx(0.44)
+    assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_general")[0] == "liver_general_avg"
+    conditions["liver_general_avg"]["dark"] = {"p1": 0.85, "p2": 0.85}  # one pair worse: the incumbent stays
+    assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_general")[0] == "liver_general"
+    conditions["liver_general_avg"]["dark"] = {"p1": 0.87, "p2": 0.87}
+    card("liver_general_avg", "p1", 0.89, 0, last=0.90)  # lower natively over the pairs (-0.005): stays
+    assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_general")[0] == "liver_general"
+    card("liver_general_avg", "p1", 0.905, 0, last=0.90, lr=0.001)  # trained otherwise: no pair at all
+    assert not experiments.same_training(tmp_path, "liver_general_avg", "liver_general")
+    assert experiments.read_out_gains(tmp_path, conditions, "liver_general_avg", "liver_general") == []
+    assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_general")[0] == "liver_general"
 
 
 def test_a_recipe_run_once_does_not_compete_with_recipes_run_twice(tmp_path):

@@ -77,6 +77,8 @@ EXPERIMENTS = [
     "liver_general_fine_seed1",
     "liver_fresh",
     "liver_general_seed2",
+    "liver_general_avg",
+    "liver_general_avg_seed2",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
@@ -102,6 +104,7 @@ REPLICATES = {
     "liver_decay_seed1": "liver_decay",
     "liver_general_fine_seed1": "liver_general_fine",
     "liver_general_seed2": "liver_general",
+    "liver_general_avg_seed2": "liver_general_avg",
 }
 #: Experiments sized for a GPU (python -m training.slot sweep, then slot score brings the fold models here):
 #: the LOO stage runs them only when named with --only; once their fold runs exist they compete as any other.
@@ -324,6 +327,70 @@ def run_spreads(runs: Path, robustness: dict | None = None) -> tuple[float, floa
     return native_spread, worst_spread
 
 
+#: Config keys that change how a run's weights are read out or kept, not how it trains.
+READ_OUT_KEYS = {"name", "average_from", "snapshots"}
+
+
+def fold_cards(runs: Path, run: str) -> dict[str, dict]:
+    """Per fold folder, ``run``'s card provenance there (folds where it has none left out)."""
+    folds = sorted(f for f in runs.iterdir() if f.is_dir()) if runs.is_dir() else []
+    cards = {f.name: f / run / "model.json" for f in folds}
+    return {fold: json.loads(card.read_text())["provenance"] for fold, card in cards.items() if card.exists()}
+
+
+def same_training(runs: Path, averaged: str, plain: str) -> bool:
+    """Whether the weight-averaged run ``averaged`` trained exactly as ``plain`` did: the same config but for the
+    read-out (``READ_OUT_KEYS``) and, in every fold, its last weights scoring as ``plain``'s to the last digit
+    (training is deterministic on one machine: the same seed gives the same weights). The two are then one training
+    read out two ways, and their difference carries none of the spread between seeds."""
+    a, b = fold_cards(runs, averaged), fold_cards(runs, plain)
+    if not a or a.keys() != b.keys():
+        return False
+
+    def recipe(provenance):
+        return {k: v for k, v in flat(provenance.get("config", {})).items() if k not in READ_OUT_KEYS}
+
+    def same_recipe(x, y):  # a key only one card has was added to the code since the other was trained, off there
+        return all(x[k] == y[k] for k in x.keys() & y.keys())
+
+    return all(
+        same_recipe(recipe(a[f]), recipe(b[f]))
+        and a[f].get("held_out_metrics_last_weights") == b[f]["held_out_metrics"]
+        for f in a
+    )
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    """A config's values by dotted key (``augment.elastic``)."""
+    out = {}
+    for key, value in config.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def read_out_gains(runs: Path, robustness: dict | None, recipe: str, incumbent: str) -> list[tuple[float, float]]:
+    """Where every run of ``recipe`` is a run of ``incumbent`` with its weights averaged (``same_training``), what
+    the average gained in each such pair: in mean leave-one-out Dice and in the run's worst robustness condition
+    (over the conditions both were scored on); empty where some run has no such partner or no robustness table."""
+    done, scores = recipe_runs(runs)
+    gains = []
+    for averaged in done.get(recipe, []):
+        plain = next((p for p in done.get(incumbent, []) if same_training(runs, averaged, p)), None)
+        if plain is None or not robustness or averaged not in robustness or plain not in robustness:
+            return []
+        tables = [robustness[averaged], robustness[plain]]
+        shared = scored_conditions(tables)
+        worst = [min(condition_mean(t, c) for c in shared) for t in tables]
+        gains.append((run_dice(scores[averaged]) - run_dice(scores[plain]), worst[0] - worst[1]))
+    return gains
+
+
+def averaged_wins(gains: list[tuple[float, float]]) -> bool:
+    """Whether averaged weights beat the last ones of the same trainings (``read_out_gains``): in the worst
+    condition in every one of at least ``MIN_RUNS`` pairs, and not lower natively over the pairs."""
+    return len(gains) >= MIN_RUNS and all(w > 0 for _, w in gains) and sum(n for n, _ in gains) >= 0
+
+
 def best_liver_experiment(runs: Path, robustness: dict | None = None, incumbent: str | None = None) -> tuple[str, dict]:
     """The liver experiment to ship, and its per-patient leave-one-out metrics (of its own run, not its reruns).
 
@@ -332,7 +399,9 @@ def best_liver_experiment(runs: Path, robustness: dict | None = None, incumbent:
     more than ``WORST_MARGIN`` above the best native recipe's own. Both means are over the recipe's runs
     (``recipe_means``). The ``incumbent`` (the recipe shipped now), when it competes, stays unless the pick
     beats it by more than a rerun alone moves (``run_spreads``) in native Dice or in the worst condition: the
-    default does not change on a run's luck. A recipe whose network is larger than
+    default does not change on a run's luck; or unless its own trainings read out with averaged weights beat it
+    pair by pair (``read_out_gains``, ``averaged_wins``), a comparison the seeds' spread does not enter. A recipe
+    whose network is larger than
     ``DEFAULT_WEIGHTS_BUDGET_MB`` is not a candidate, unless the accurate ensemble already bundles it; where
     some candidates have ``MIN_RUNS`` runs, the others are not candidates either (``contenders``).
     """
@@ -358,6 +427,10 @@ def best_liver_experiment(runs: Path, robustness: dict | None = None, incumbent:
         better_worst = best in robust and incumbent in robust and robust[best] > robust[incumbent] + worst_spread
         if not (better_native or better_worst):
             best = incumbent
+    if best == incumbent:  # its own trainings, read out with averaged weights, are compared pair by pair
+        averaged = [e for e in native if e != best and averaged_wins(read_out_gains(runs, robustness, e, best))]
+        if averaged:
+            best = max(averaged, key=lambda e: robust.get(e, 0.0))
     return best, loo_scores(runs, [best])[best]
 
 
@@ -382,6 +455,7 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
     incumbent = shipped_recipe()
     best, loo_metrics = best_liver_experiment(runs, robustness, incumbent)
     native_spread, worst_spread = run_spreads(runs, robustness)
+    paired = read_out_gains(runs, robustness, best, incumbent) if incumbent and best != incumbent else []
     candidates, _ = recipe_runs(runs)
     reruns = {e: rs for e, rs in candidates.items() if len(rs) > 1}
     too_large = oversized(runs, candidates)
@@ -414,8 +488,16 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
             )
             + (
                 f"; the recipe shipped before, {incumbent}, stays unless beaten by more than a rerun moves"
-                f" (native {native_spread:.3f}, worst condition {worst_spread:.3f})"
+                f" (native {native_spread:.3f}, worst condition {worst_spread:.3f}) or by its own trainings read out"
+                f" with averaged weights, pair by pair (better in the worst condition in each of at least {MIN_RUNS}"
+                " pairs, not lower natively)"
                 if incumbent
+                else ""
+            )
+            + (
+                f"; {best} is {incumbent}'s own trainings read out with averaged weights, and gained in each pair"
+                f" (native, worst condition): {[(round(n, 4), round(w, 4)) for n, w in paired]}"
+                if paired
                 else ""
             )
         ),

@@ -1011,41 +1011,6 @@ def main(argv: list[str] | None = None) -> int:
         x, y = augment(x, y, cfg["augment"], gen, plan.spacing_mm)
         return x, y, available
 
-    for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
-        set_train_mode(net, cfg)
-        order = rng.permutation(len(samples))
-        mine = order[rank::world]
-        losses = []
-        steps = tqdm(range(steps_per_epoch), f"epoch {epoch}", leave=False, disable=None if rank == 0 else True)
-        for step in steps:
-            x, y, available = next_batch(step, mine)
-            losses.append(train_step(ddp, opt, sched, (x, y, available), autocast, device, cfg["extra_weight"]))
-        if world > 1:  # batch-norm statistics are per process; keep rank 0's everywhere, as it is saved
-            for buffer in net.buffers():
-                dist.broadcast(buffer, 0)
-        if average is not None:
-            average.add(net, epoch)
-        row = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "lr": sched.get_last_lr()[0],
-            "seconds": time.perf_counter() - t_train,
-        }
-        if test_slices:
-            row["val"] = validate(net, test_slices, plan, device)
-        history.append(row)
-        if rank == 0:
-            log.info(
-                "epoch %d/%d loss %.4f %s %.0f s",
-                epoch,
-                cfg["epochs"],
-                row["loss"],
-                {k: round(v, 4) for k, v in row.get("val", {}).items()},
-                row["seconds"],
-            )
-            save_checkpoint(checkpoint, net, opt, sched, epoch, history, rng, gen, average)
-            (out / "history.json").write_text(json.dumps(history, indent=1))
-
     def provenance_of(more: dict) -> dict:
         """What the saved model's card says of how it was made (its held-out metrics are added on saving)."""
         return {
@@ -1070,6 +1035,43 @@ def main(argv: list[str] | None = None) -> int:
                 ["python -m training.train", _relative(args.config), *[f"--set '{s}'" for s in args.set]]
             ),
         }
+
+    for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
+        set_train_mode(net, cfg)
+        order = rng.permutation(len(samples))
+        mine = order[rank::world]
+        losses = []
+        steps = tqdm(range(steps_per_epoch), f"epoch {epoch}", leave=False, disable=None if rank == 0 else True)
+        for step in steps:
+            x, y, available = next_batch(step, mine)
+            losses.append(train_step(ddp, opt, sched, (x, y, available), autocast, device, cfg["extra_weight"]))
+        if world > 1:  # batch-norm statistics are per process; keep rank 0's everywhere, as it is saved
+            for buffer in net.buffers():
+                dist.broadcast(buffer, 0)
+        if average is not None:
+            average.add(net, epoch)
+        row = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "lr": sched.get_last_lr()[0],
+            "seconds": time.perf_counter() - t_train,
+        }
+        if test_slices:
+            row["val"] = validate(net, test_slices, plan, device)
+        history.append(row)
+        if rank == 0 and epoch in cfg["snapshots"]:  # weights on the way, to see when a held-out score is made
+            save_run_model(net, out / f"epoch{epoch}", cfg, keys, plan, test, device, provenance_of({}))
+        if rank == 0:
+            log.info(
+                "epoch %d/%d loss %.4f %s %.0f s",
+                epoch,
+                cfg["epochs"],
+                row["loss"],
+                {k: round(v, 4) for k, v in row.get("val", {}).items()},
+                row["seconds"],
+            )
+            save_checkpoint(checkpoint, net, opt, sched, epoch, history, rng, gen, average)
+            (out / "history.json").write_text(json.dumps(history, indent=1))
 
     last_metrics = None
     if average is not None:  # the last weights are kept beside the average, to compare the two
