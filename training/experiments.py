@@ -193,16 +193,20 @@ def loo_scores(runs: Path, experiments: list[str] | None = None) -> dict[str, di
     folds = [f for f in runs.iterdir() if f.is_dir()] if runs.is_dir() else []
     scores = {}
     for exp in LIVER if experiments is None else experiments:
-        cards = [f / exp / "model.json" for f in folds]
-        if not folds or not all(c.exists() for c in cards):
-            continue
-        provenances = [json.loads(card.read_text())["provenance"] for card in cards]
-        if any(overlap.saw_own_slices(p) for p in provenances):
+        provenances = fold_cards(runs, exp).values()
+        if not folds or len(provenances) < len(folds) or any(overlap.saw_own_slices(p) for p in provenances):
             continue
         scores[exp] = {}
         for provenance in provenances:
             scores[exp].update(provenance["held_out_metrics"])
     return scores
+
+
+def fold_cards(runs: Path, run: str) -> dict[str, dict]:
+    """Per fold folder, ``run``'s card provenance there (folds where it has none left out)."""
+    folds = sorted(f for f in runs.iterdir() if f.is_dir()) if runs.is_dir() else []
+    cards = {f.name: f / run / "model.json" for f in folds}
+    return {fold: json.loads(card.read_text())["provenance"] for fold, card in cards.items() if card.exists()}
 
 
 def worst_condition(per_condition: dict[str, dict[str, float]]) -> tuple[str, float]:
@@ -331,11 +335,12 @@ def run_spreads(runs: Path, robustness: dict | None = None) -> tuple[float, floa
 READ_OUT_KEYS = {"name", "average_from", "snapshots"}
 
 
-def fold_cards(runs: Path, run: str) -> dict[str, dict]:
-    """Per fold folder, ``run``'s card provenance there (folds where it has none left out)."""
-    folds = sorted(f for f in runs.iterdir() if f.is_dir()) if runs.is_dir() else []
-    cards = {f.name: f / run / "model.json" for f in folds}
-    return {fold: json.loads(card.read_text())["provenance"] for fold, card in cards.items() if card.exists()}
+def flat(config: dict, prefix: str = "") -> dict:
+    """A config's values by dotted key (``augment.elastic``)."""
+    out = {}
+    for key, value in config.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def same_training(runs: Path, averaged: str, plain: str) -> bool:
@@ -358,14 +363,6 @@ def same_training(runs: Path, averaged: str, plain: str) -> bool:
         and a[f].get("held_out_metrics_last_weights") == b[f]["held_out_metrics"]
         for f in a
     )
-
-
-def flat(config: dict, prefix: str = "") -> dict:
-    """A config's values by dotted key (``augment.elastic``)."""
-    out = {}
-    for key, value in config.items():
-        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 def read_out_gains(runs: Path, robustness: dict | None, recipe: str, incumbent: str) -> list[tuple[float, float]]:
