@@ -625,7 +625,8 @@ def test_the_final_stage_weighs_a_recipe_by_all_its_runs(tmp_path):
 
 def test_the_shipped_recipe_stays_unless_beaten_by_more_than_a_rerun_moves(tmp_path):
     """The incumbent default is replaced only by a recipe better than it by more than two runs of one recipe
-    differ (``run_spreads``), natively or in the worst condition; without an incumbent the rule is as before."""
+    differ (``run_spreads``), natively or in the worst condition, or in the worst condition by every run of it
+    (``runs_apart``); without an incumbent the rule is as before."""
     from training import experiments
 
     def runs_at(exp, means):  # one run per mean, each over two held-out patients (mean - 0.01, mean + 0.01)
@@ -658,6 +659,17 @@ def test_the_shipped_recipe_stays_unless_beaten_by_more_than_a_rerun_moves(tmp_p
     # ... but by less than a rerun moves there (0.043 < 0.15): the incumbent stays
     assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_general")[0] == "liver_general"
     assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_unknown")[0] == "liver_decay"
+    # every run of the pick above every run of the incumbent there (0.868 > 0.86 + 0.005): not one run's luck
+    conditions["liver_decay"]["dark"] = {"p1": 0.87, "p2": 0.87}
+    conditions["liver_decay_seed1"]["dark"] = {"p1": 0.866, "p2": 0.87}
+    assert experiments.runs_apart(tmp_path, conditions, "liver_decay", "liver_general")
+    assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_general")[0] == "liver_decay"
+    conditions["liver_decay_seed1"]["dark"] = {"p1": 0.858, "p2": 0.87}  # 0.864: within the margin of 0.86
+    assert not experiments.runs_apart(tmp_path, conditions, "liver_decay", "liver_general")
+    assert experiments.best_liver_experiment(tmp_path, conditions, incumbent="liver_general")[0] == "liver_general"
+    conditions["liver_decay_seed1"]["dark"] = {"p1": 0.87, "p2": 0.87}
+    del conditions["liver_decay_seed1"]  # one run scored: no evidence beyond that run
+    assert not experiments.runs_apart(tmp_path, conditions, "liver_decay", "liver_general")
 
 
 def test_the_shipped_recipe_gives_way_to_its_own_trainings_averaged_only_if_better_pair_by_pair(tmp_path):

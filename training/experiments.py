@@ -79,6 +79,9 @@ EXPERIMENTS = [
     "liver_general_seed2",
     "liver_general_avg",
     "liver_general_avg_seed2",
+    "liver_dark_avg",
+    "liver_general_avg_seed1",
+    "liver_general_fine_avg",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
@@ -105,6 +108,7 @@ REPLICATES = {
     "liver_general_fine_seed1": "liver_general_fine",
     "liver_general_seed2": "liver_general",
     "liver_general_avg_seed2": "liver_general_avg",
+    "liver_general_avg_seed1": "liver_general_avg",
 }
 #: Experiments sized for a GPU (python -m training.slot sweep, then slot score brings the fold models here):
 #: the LOO stage runs them only when named with --only; once their fold runs exist they compete as any other.
@@ -343,6 +347,26 @@ def flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def runs_apart(runs: Path, robustness: dict | None, recipe: str, incumbent: str) -> bool:
+    """Whether every run of ``recipe`` is better in its worst robustness condition than every run of ``incumbent``,
+    by more than ``WORST_MARGIN``, with at least ``MIN_RUNS`` runs of each (the worst over the conditions all those
+    runs were scored on). With two runs a recipe cannot show a lead larger than the largest gap between two seeds of
+    any recipe (``run_spreads``, set by one seed that lost a patient); that no run of one falls as low as the best
+    run of the other is the evidence two runs can give that the lead is not one run's luck."""
+    done, _ = recipe_runs(runs)
+    ours, theirs = done.get(recipe, []), done.get(incumbent, [])
+    if len(ours) < MIN_RUNS or len(theirs) < MIN_RUNS or not robustness:
+        return False
+    if any(r not in robustness for r in ours + theirs):
+        return False
+    shared = scored_conditions(robustness[r] for r in ours + theirs)
+
+    def worst(r):
+        return min(condition_mean(robustness[r], c) for c in shared)
+
+    return min(worst(r) for r in ours) > max(worst(r) for r in theirs) + WORST_MARGIN
+
+
 def same_training(runs: Path, averaged: str, plain: str) -> bool:
     """Whether the weight-averaged run ``averaged`` trained exactly as ``plain`` did: the same config but for the
     read-out (``READ_OUT_KEYS``) and, in every fold, its last weights scoring as ``plain``'s to the last digit
@@ -395,8 +419,9 @@ def best_liver_experiment(runs: Path, robustness: dict | None = None, incumbent:
     best worst-condition mean among those within ``NATIVE_TOLERANCE`` of the best native mean, if that is
     more than ``WORST_MARGIN`` above the best native recipe's own. Both means are over the recipe's runs
     (``recipe_means``). The ``incumbent`` (the recipe shipped now), when it competes, stays unless the pick
-    beats it by more than a rerun alone moves (``run_spreads``) in native Dice or in the worst condition: the
-    default does not change on a run's luck; or unless its own trainings read out with averaged weights beat it
+    beats it by more than a rerun alone moves (``run_spreads``) in native Dice or in the worst condition, or in the
+    worst condition with every run of the pick above every run of the incumbent (``runs_apart``): the default does
+    not change on a run's luck; or unless its own trainings read out with averaged weights beat it
     pair by pair (``read_out_gains``, ``averaged_wins``), a comparison the seeds' spread does not enter. A recipe
     whose network is larger than
     ``DEFAULT_WEIGHTS_BUDGET_MB`` is not a candidate, unless the accurate ensemble already bundles it; where
@@ -422,6 +447,7 @@ def best_liver_experiment(runs: Path, robustness: dict | None = None, incumbent:
         native_spread, worst_spread = run_spreads(runs, robustness)
         better_native = native[best] > native[incumbent] + native_spread
         better_worst = best in robust and incumbent in robust and robust[best] > robust[incumbent] + worst_spread
+        better_worst = better_worst or runs_apart(runs, robustness, best, incumbent)
         if not (better_native or better_worst):
             best = incumbent
     if best == incumbent:  # its own trainings, read out with averaged weights, are compared pair by pair
@@ -485,10 +511,16 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
             )
             + (
                 f"; the recipe shipped before, {incumbent}, stays unless beaten by more than a rerun moves"
-                f" (native {native_spread:.3f}, worst condition {worst_spread:.3f}) or by its own trainings read out"
-                f" with averaged weights, pair by pair (better in the worst condition in each of at least {MIN_RUNS}"
-                " pairs, not lower natively)"
+                f" (native {native_spread:.3f}, worst condition {worst_spread:.3f}), or in the worst condition by"
+                f" every run (each run's worst above each of {incumbent}'s runs' by more than {WORST_MARGIN}), or by"
+                " its own trainings read out with averaged weights, pair by pair (better in the worst condition in"
+                f" each of at least {MIN_RUNS} pairs, not lower natively)"
                 if incumbent
+                else ""
+            )
+            + (
+                f"; every run of {best} is above every run of {incumbent} in its worst condition"
+                if incumbent and best != incumbent and not paired and runs_apart(runs, robustness, best, incumbent)
                 else ""
             )
             + (
