@@ -247,6 +247,11 @@ def condition_mean(table: dict, condition: str) -> float:
     return sum(table[condition].values()) / len(table[condition])
 
 
+def worst_mean(table: dict, conditions: set[str]) -> float:
+    """A robustness table's lowest condition mean among ``conditions`` (its worst condition there)."""
+    return min(condition_mean(table, c) for c in conditions)
+
+
 def recipe_means(runs: Path, robustness: dict | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Per candidate recipe, its mean leave-one-out Dice and its worst robustness condition's mean, each over
     the recipe's runs found finished (itself and its seed reruns): one run's luck weighs less where a recipe
@@ -330,7 +335,7 @@ def run_spreads(runs: Path, robustness: dict | None = None) -> tuple[float, floa
         tables = [robustness[r] for r in rs if robustness and r in robustness]
         if len(tables) > 1:
             shared = scored_conditions(tables)
-            worst = [min(condition_mean(t, c) for c in shared) for t in tables]
+            worst = [worst_mean(t, shared) for t in tables]
             worst_spread = max(worst_spread, max(worst) - min(worst))
     return native_spread, worst_spread
 
@@ -360,11 +365,8 @@ def runs_apart(runs: Path, robustness: dict | None, recipe: str, incumbent: str)
     if any(r not in robustness for r in ours + theirs):
         return False
     shared = scored_conditions(robustness[r] for r in ours + theirs)
-
-    def worst(r):
-        return min(condition_mean(robustness[r], c) for c in shared)
-
-    return min(worst(r) for r in ours) > max(worst(r) for r in theirs) + WORST_MARGIN
+    worst = {r: worst_mean(robustness[r], shared) for r in ours + theirs}
+    return min(worst[r] for r in ours) > max(worst[r] for r in theirs) + WORST_MARGIN
 
 
 def same_training(runs: Path, averaged: str, plain: str) -> bool:
@@ -401,7 +403,7 @@ def read_out_gains(runs: Path, robustness: dict | None, recipe: str, incumbent: 
             return []
         tables = [robustness[averaged], robustness[plain]]
         shared = scored_conditions(tables)
-        worst = [min(condition_mean(t, c) for c in shared) for t in tables]
+        worst = [worst_mean(t, shared) for t in tables]
         gains.append((run_dice(scores[averaged]) - run_dice(scores[plain]), worst[0] - worst[1]))
     return gains
 
