@@ -350,6 +350,24 @@ def test_the_mask_free_pull_lowers_enhanced_tissue_and_leaves_fat_and_air(patien
     assert float(xs[0, 1][ys[0, 0] > 0.5].mean()) * 255 == pytest.approx(hu(x), abs=0.5)
 
 
+def _painted_in_a_batch(slices, k: int, plan, aug: dict, switch: str):
+    """Sample ``k`` drawn by ``make_batch`` with the painting augmentation ``switch`` (``lesion_p`` or ``mass_p``)
+    off and on. Off, the images and random stream are those of a config without it; on, the labels are unchanged.
+    Returns the pixels the painting moved and the labels."""
+    from training import train
+
+    base = {"unenhanced_p": 0.0, "thick_p": 0.0, "thick_slices": [2], **aug}
+
+    def batch(p: float):
+        return train.make_batch([slices], [(0, k)], plan, 512, np.random.default_rng(0), {**base, switch: p})
+
+    plain_x, plain_y, _ = train.make_batch([slices], [(0, k)], plan, 512, np.random.default_rng(0), base)
+    torch.testing.assert_close(batch(0.0)[0], plain_x)  # switched off: the random stream and images of before
+    painted_x, painted_y, _ = batch(1.0)
+    torch.testing.assert_close(painted_y, plain_y)
+    return (painted_x != plain_x).any(1)[0], plain_y
+
+
 def test_synthetic_lesions_darken_the_liver_inside_its_mask_and_nothing_else(patient):
     from LiverSegUNetLib.preprocess import Plan
 
@@ -378,17 +396,41 @@ def test_synthetic_lesions_darken_the_liver_inside_its_mask_and_nothing_else(pat
         moved = (inner != x).any(0)
         assert moved.sum() > 50 and float(depth[moved].min()) >= 3  # 3 pixels of 1.5 mm: nothing in the rim
     # in a batch: the labels stay as they were (a lesion inside the liver is liver), the image changes only there
-    base = {"unenhanced_p": 0.0, "thick_p": 0.0, "thick_slices": [2], **aug}
-    plain_x, plain_y, _ = train.make_batch([slices], [(0, k)], plan, 512, np.random.default_rng(0), base)
-
-    def batch(lesion_p):
-        return train.make_batch([slices], [(0, k)], plan, 512, np.random.default_rng(0), {**base, "lesion_p": lesion_p})
-
-    torch.testing.assert_close(batch(0.0)[0], plain_x)  # switched off: the random stream and images of before
-    les_x, les_y, _ = batch(1.0)
-    torch.testing.assert_close(les_y, plain_y)
-    moved = (les_x != plain_x).any(1)[0]
+    moved, plain_y = _painted_in_a_batch(slices, k, plan, aug, "lesion_p")
     assert moved.any() and not (moved & (plain_y[0, 0] <= 0.5)).any()
+
+
+def test_synthetic_masses_darken_tissue_beside_the_liver_and_never_a_labelled_structure(patient):
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    slices = train.PatientSlices(patient("3Dircadb1.1"), ["liver", "spleen"], plan)
+    k = int(np.argmax(slices.labels[:, 0].float().sum(dim=(1, 2)) * slices.labels[:, 1].float().sum(dim=(1, 2))))
+    native = slices.sample(k, 1)
+    x, labels = native[:3], native[3:]
+    liver, labelled = labels[0] > 0.5, (labels > 0.5).any(0)
+    assert (labels[1] > 0.5).sum() > 100  # a slice showing the spleen too: masses must stay off it
+    aug = {"mass_count": 2, "mass_mm": [8.0, 35.0], "mass_hu": [-60.0, -60.0]}
+    level = float(x[1][liver].median()) * 255
+    ring = train.depth_inside(~liver, 2) == 1  # the pixels just outside the liver's contour
+    for seed in range(6):
+        painted = train.with_masses(x, labels, plan, np.random.default_rng(seed), aug)
+        changed = (painted != x).any(0)
+        assert torch.equal(painted[:, labelled], x[:, labelled])  # no labelled structure moves, the liver least
+        assert (changed & ring).sum() > 5  # every mass reaches the liver's contour
+        area = float(changed.sum()) * plan.spacing_mm**2
+        assert 100 < area < 2 * math.pi * 35.0**2 * 1.3**2, area  # one or two masses of 8-35 mm radius
+        core = painted[1][changed & (painted[1] < x[1])] * 255
+        assert float(core.median()) == pytest.approx(level - 60, abs=20)  # at the value asked, below the liver
+        assert torch.equal(painted[0] != x[0], changed) and torch.equal(painted[2] != x[2], changed)
+    # no liver in the slice: nothing to stand beside, nothing painted
+    empty = torch.zeros_like(labels)
+    torch.testing.assert_close(train.with_masses(x, empty, plan, np.random.default_rng(0), aug), x)
+    # in a batch: the labels are those of before (a mass is background), the image changes only outside them
+    moved, plain_y = _painted_in_a_batch(slices, k, plan, aug, "mass_p")
+    assert moved.any() and not (moved & (plain_y[0] > 0.5).any(0)).any()
 
 
 def test_elastic_deformation_bends_image_and_mask_together(patient):

@@ -475,6 +475,55 @@ def with_lesions(x: torch.Tensor, liver: torch.Tensor, plan: Plan, rng: np.rando
     return out.clamp(0, 1)
 
 
+def with_masses(x: torch.Tensor, labels: torch.Tensor, plan: Plan, rng: np.random.Generator, aug: dict) -> torch.Tensor:
+    """Window-normalized slices ``x`` ``(C, H, W)`` with 1 to ``aug["mass_count"]`` synthetic hypodense masses
+    painted *beside* the liver, outside every labelled structure (``labels`` ``(S, H, W)``, the liver first),
+    which stays background there: the counterpart of :func:`with_lesions`. A network shown dark lesions inside
+    the liver, or livers at unenhanced values, learns that dark tissue may be liver and then takes in a dark mass
+    that touches the liver (a tumour, a cyst or a bowel loop beside it); shown both kinds, dark inside the
+    liver's contour is liver and dark outside it is not, so the contour decides and the darkness does not.
+
+    Each mass is an ellipse of radius uniform in ``aug["mass_mm"]`` (each axis 0.7-1.3 of it, turned at random)
+    whose centre lies outside the liver no farther from it than 0.8 of that radius, on soft tissue (10-200 HU,
+    not lung, fat or bone), so every mass reaches the liver and is cut by its contour. Its value is the liver's
+    median as this sample shows it plus uniform ``aug["mass_hu"]`` (the range of the lesions, so that the value
+    cannot tell the two apart), with a soft rim and the liver's own texture as smoothed noise (what lay beneath,
+    fat or an organ's edges, is covered, not shown through). Every context channel gets the same mass."""
+    liver = labels[0] > 0.5
+    if int(liver.sum()) < 16:
+        return x
+    centre = x[x.shape[0] // 2]
+    level = float(centre[liver].median())
+    spread = float((centre[liver] - level).abs().median()) * 1.4826  # robust spread of the liver's values
+    width = plan.hu_max - plan.hu_min
+    soft = (centre > (10 - plan.hu_min) / width) & (centre < (200 - plan.hu_min) / width)
+    free = ~(labels > 0.5).any(0)  # outside every labelled structure
+    largest = aug["mass_mm"][1] / plan.spacing_mm
+    apart = depth_inside(~liver, math.ceil(0.8 * largest * 1.3) + 1)  # pixels away from the liver (chessboard)
+    height, width_px = liver.shape
+    dy_grid = torch.arange(height, dtype=torch.float32)[:, None]
+    dx_grid = torch.arange(width_px, dtype=torch.float32)[None, :]
+    out = x.clone()
+    for _ in range(int(rng.integers(1, aug["mass_count"] + 1))):
+        radius = rng.uniform(*aug["mass_mm"]) / plan.spacing_mm
+        a, b = radius * rng.uniform(0.7, 1.3), radius * rng.uniform(0.7, 1.3)
+        rows, cols = torch.nonzero(free & soft & (apart >= 1) & (apart <= 0.8 * min(a, b)), as_tuple=True)
+        if len(rows) == 0:
+            continue
+        pick = int(rng.integers(len(rows)))
+        turn = rng.uniform(0.0, math.pi)
+        dy, dx = dy_grid - float(rows[pick]), dx_grid - float(cols[pick])
+        u = (dy * math.cos(turn) + dx * math.sin(turn)) / a
+        v = (dx * math.cos(turn) - dy * math.sin(turn)) / b
+        rim = rng.uniform(0.05, 0.3)
+        alpha = ((1 - torch.sqrt(u * u + v * v)) / rim).clamp(0, 1) * free.float()
+        value = level + rng.uniform(*aug["mass_hu"]) / width
+        grain = torch.from_numpy(rng.standard_normal((1, 1, height, width_px)).astype(np.float32))
+        grain = F.avg_pool2d(grain, 3, stride=1, padding=1, count_include_pad=False)[0, 0] * 3 * spread
+        out = out + alpha * (value + grain - out)
+    return out.clamp(0, 1)
+
+
 def make_batch(
     train, batch, plan: Plan, crop: int, rng, aug: dict, contrast_only: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -488,7 +537,8 @@ def make_batch(
     slices. Where more than half the contrast was removed, the structures flagged in ``contrast_only``
     (``(S,)`` bool) are no target for that sample. With probability ``aug["pull_p"]`` every value above
     ``aug["pull_hu"]`` is pulled towards it (:func:`pulled_down`), and with probability ``aug["lesion_p"]``
-    synthetic lesions are painted inside the first structure's mask (the liver; :func:`with_lesions`).
+    synthetic lesions are painted inside the first structure's mask (the liver; :func:`with_lesions`), and with
+    probability ``aug["mass_p"]`` synthetic masses beside it, outside every mask (:func:`with_masses`).
     """
     xs, ys, available = [], [], []
     channels = 2 * plan.context + 1
@@ -509,6 +559,8 @@ def make_batch(
             both[:channels] = pulled_down(both[:channels], plan, aug["pull_hu"], rng.uniform(aug["pull_min"], 1.0))
         if aug.get("lesion_p", 0.0) > 0 and rng.uniform() < aug["lesion_p"]:  # drawn only when enabled
             both[:channels] = with_lesions(both[:channels], both[channels] > 0.5, plan, rng, aug)
+        if aug.get("mass_p", 0.0) > 0 and rng.uniform() < aug["mass_p"]:  # drawn only when enabled
+            both[:channels] = with_masses(both[:channels], both[channels:], plan, rng, aug)
         xs.append(both[:channels])
         ys.append(both[channels:])
         if contrast_only is not None and unenhanced > 0.5:
