@@ -83,6 +83,8 @@ EXPERIMENTS = [
     "liver_general_avg_seed1",
     "liver_general_fine_avg",
     "liver_general_fine_avg_seed1",
+    "liver_masses_avg",
+    "liver_beside_avg",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
