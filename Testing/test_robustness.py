@@ -419,7 +419,7 @@ def test_synthetic_masses_darken_tissue_beside_the_liver_and_never_a_labelled_st
         painted = train.with_masses(x, labels, plan, np.random.default_rng(seed), aug)
         changed = (painted != x).any(0)
         assert torch.equal(painted[:, labelled], x[:, labelled])  # no labelled structure moves, the liver least
-        assert (changed & ring).sum() > 5  # every mass reaches the liver's contour
+        assert (changed & ring).sum() > 5  # the masses reach the liver's contour
         area = float(changed.sum()) * plan.spacing_mm**2
         assert 100 < area < 2 * math.pi * 35.0**2 * 1.3**2, area  # one or two masses of 8-35 mm radius
         core = painted[1][changed & (painted[1] < x[1])] * 255

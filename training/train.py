@@ -484,11 +484,12 @@ def with_masses(x: torch.Tensor, labels: torch.Tensor, plan: Plan, rng: np.rando
     liver's contour is liver and dark outside it is not, so the contour decides and the darkness does not.
 
     Each mass is an ellipse of radius uniform in ``aug["mass_mm"]`` (each axis 0.7-1.3 of it, turned at random)
-    whose centre lies outside the liver no farther from it than 0.8 of that radius, on soft tissue (10-200 HU,
-    not lung, fat or bone), so every mass reaches the liver and is cut by its contour. Its value is the liver's
-    median as this sample shows it plus uniform ``aug["mass_hu"]`` (the range of the lesions, so that the value
-    cannot tell the two apart), with a soft rim and the liver's own texture as smoothed noise (what lay beneath,
-    fat or an organ's edges, is covered, not shown through). Every context channel gets the same mass."""
+    whose centre lies outside the liver, on soft tissue (10-200 HU, not lung, fat or bone), at most 0.8 of its
+    shorter semi-axis from the liver in chessboard pixels (up to 1.13 of it in mm, along a diagonal), so that the
+    mass nearly always reaches the liver and is cut by its contour. Its value is the liver's median as this sample
+    shows it plus uniform ``aug["mass_hu"]`` (the lesions' range, so that the value cannot tell the two apart),
+    with a soft rim and the liver's own texture as smoothed noise (what lay beneath, fat or an organ's edges, is
+    covered, not shown through). Every context channel gets the same mass."""
     liver = labels[0] > 0.5
     if int(liver.sum()) < 16:
         return x
