@@ -425,6 +425,12 @@ def test_synthetic_masses_darken_tissue_beside_the_liver_and_never_a_labelled_st
         core = painted[1][changed & (painted[1] < x[1])] * 255
         assert float(core.median()) == pytest.approx(level - 60, abs=20)  # at the value asked, below the liver
         assert torch.equal(painted[0] != x[0], changed) and torch.equal(painted[2] != x[2], changed)
+    # absolute values: fluid beside the liver stays fluid whatever the liver shows
+    fluid = train.with_masses(
+        x, labels, plan, np.random.default_rng(0), {**aug, "mass_hu": [20.0, 20.0], "mass_absolute": True}
+    )
+    moved = (fluid != x).any(0)
+    assert float((fluid[1][moved & (fluid[1] < x[1])] * 255).median()) == pytest.approx(20, abs=10)
     # no liver in the slice: nothing to stand beside, nothing painted
     empty = torch.zeros_like(labels)
     torch.testing.assert_close(train.with_masses(x, empty, plan, np.random.default_rng(0), aug), x)

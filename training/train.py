@@ -487,9 +487,11 @@ def with_masses(x: torch.Tensor, labels: torch.Tensor, plan: Plan, rng: np.rando
     whose centre lies outside the liver, on soft tissue (10-200 HU, not lung, fat or bone), at most 0.8 of its
     shorter semi-axis from the liver in chessboard pixels (up to 1.13 of it in mm, along a diagonal), so that the
     mass nearly always reaches the liver and is cut by its contour. Its value is the liver's median as this sample
-    shows it plus uniform ``aug["mass_hu"]`` (the lesions' range, so that the value cannot tell the two apart),
-    with a soft rim and the liver's own texture as smoothed noise (what lay beneath, fat or an organ's edges, is
-    covered, not shown through). Every context channel gets the same mass."""
+    shows it plus uniform ``aug["mass_hu"]`` (the lesions' range, so that the value cannot tell the two apart), or
+    with ``aug["mass_absolute"]`` uniform ``mass_hu`` in HU whatever the liver shows (fluid beside the liver: the
+    gallbladder, fluid-filled bowel, ascites, a neighbour's cyst, the same in any contrast phase). A soft rim, and
+    the liver's own texture as smoothed noise (what lay beneath, fat or an organ's edges, is covered, not shown
+    through). Every context channel gets the same mass."""
     liver = labels[0] > 0.5
     if int(liver.sum()) < 16:
         return x
@@ -518,7 +520,8 @@ def with_masses(x: torch.Tensor, labels: torch.Tensor, plan: Plan, rng: np.rando
         v = (dx * math.cos(turn) - dy * math.sin(turn)) / b
         rim = rng.uniform(0.05, 0.3)
         alpha = ((1 - torch.sqrt(u * u + v * v)) / rim).clamp(0, 1) * free.float()
-        value = level + rng.uniform(*aug["mass_hu"]) / width
+        drawn = rng.uniform(*aug["mass_hu"])
+        value = (drawn - plan.hu_min) / width if aug.get("mass_absolute", False) else level + drawn / width
         grain = torch.from_numpy(rng.standard_normal((1, 1, height, width_px)).astype(np.float32))
         grain = F.avg_pool2d(grain, 3, stride=1, padding=1, count_include_pad=False)[0, 0] * 3 * spread
         out = out + alpha * (value + grain - out)
