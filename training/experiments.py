@@ -85,6 +85,7 @@ EXPERIMENTS = [
     "liver_general_fine_avg_seed1",
     "liver_masses_avg",
     "liver_beside_avg",
+    "liver_fluid_avg",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
