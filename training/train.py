@@ -424,6 +424,20 @@ def depth_inside(mask: torch.Tensor, most: int) -> torch.Tensor:
     return depth
 
 
+def soft_ellipse(shape, centre, a: float, b: float, rng: np.random.Generator) -> torch.Tensor:
+    """``(H, W)`` weights of an ellipse on a grid of ``shape``, centred on pixel ``centre`` (row, column), of
+    semi-axes ``a`` and ``b`` pixels turned by a random angle: 1 inside, fading to 0 over a random 5-30% of its
+    radius at the rim (angle, then rim width, drawn from ``rng``). The shape of :func:`with_lesions`' lesions and
+    :func:`with_masses`' masses."""
+    turn = rng.uniform(0.0, math.pi)
+    dy = torch.arange(shape[0], dtype=torch.float32)[:, None] - float(centre[0])
+    dx = torch.arange(shape[1], dtype=torch.float32)[None, :] - float(centre[1])
+    u = (dy * math.cos(turn) + dx * math.sin(turn)) / a
+    v = (dx * math.cos(turn) - dy * math.sin(turn)) / b
+    rim = rng.uniform(0.05, 0.3)  # share of the radius over which it fades into what lies around it
+    return ((1 - torch.sqrt(u * u + v * v)) / rim).clamp(0, 1)
+
+
 def with_lesions(x: torch.Tensor, liver: torch.Tensor, plan: Plan, rng: np.random.Generator, aug: dict) -> torch.Tensor:
     """Window-normalized slices ``x`` ``(C, H, W)`` with 1 to ``aug["lesion_count"]`` synthetic hypodense lesions
     painted inside the liver mask ``liver`` ``(H, W)`` (bool), which stays the target there: expert liver masks
@@ -443,9 +457,6 @@ def with_lesions(x: torch.Tensor, liver: torch.Tensor, plan: Plan, rng: np.rando
     if int(liver.sum()) < 16:
         return x
     level = float(centre[liver].median())
-    height, width = liver.shape
-    dy_grid = torch.arange(height, dtype=torch.float32)[:, None]
-    dx_grid = torch.arange(width, dtype=torch.float32)[None, :]
     inside = liver.float()
     margin = aug.get("lesion_margin_mm", 0.0) / plan.spacing_mm
     if margin > 0:  # deep enough to hold the largest lesion (an axis up to 1.3 x the radius) with its margin
@@ -464,12 +475,7 @@ def with_lesions(x: torch.Tensor, liver: torch.Tensor, plan: Plan, rng: np.rando
         else:
             rows, cols = torch.nonzero(liver, as_tuple=True)
         pick = int(rng.integers(len(rows)))
-        turn = rng.uniform(0.0, math.pi)
-        dy, dx = dy_grid - float(rows[pick]), dx_grid - float(cols[pick])
-        u = (dy * math.cos(turn) + dx * math.sin(turn)) / a
-        v = (dx * math.cos(turn) - dy * math.sin(turn)) / b
-        rim = rng.uniform(0.05, 0.3)  # share of the radius over which the lesion fades into the liver
-        alpha = ((1 - torch.sqrt(u * u + v * v)) / rim).clamp(0, 1) * inside
+        alpha = soft_ellipse(liver.shape, (rows[pick], cols[pick]), a, b, rng) * inside
         value = level + rng.uniform(*aug["lesion_hu"]) / (plan.hu_max - plan.hu_min)
         out = out + alpha * (value + 0.5 * (out - level) - out)  # half the liver's texture and noise kept
     return out.clamp(0, 1)
@@ -503,9 +509,6 @@ def with_masses(x: torch.Tensor, labels: torch.Tensor, plan: Plan, rng: np.rando
     free = ~(labels > 0.5).any(0)  # outside every labelled structure
     largest = aug["mass_mm"][1] / plan.spacing_mm
     apart = depth_inside(~liver, math.ceil(0.8 * largest * 1.3) + 1)  # pixels away from the liver (chessboard)
-    height, width_px = liver.shape
-    dy_grid = torch.arange(height, dtype=torch.float32)[:, None]
-    dx_grid = torch.arange(width_px, dtype=torch.float32)[None, :]
     out = x.clone()
     for _ in range(int(rng.integers(1, aug["mass_count"] + 1))):
         radius = rng.uniform(*aug["mass_mm"]) / plan.spacing_mm
@@ -514,15 +517,10 @@ def with_masses(x: torch.Tensor, labels: torch.Tensor, plan: Plan, rng: np.rando
         if len(rows) == 0:
             continue
         pick = int(rng.integers(len(rows)))
-        turn = rng.uniform(0.0, math.pi)
-        dy, dx = dy_grid - float(rows[pick]), dx_grid - float(cols[pick])
-        u = (dy * math.cos(turn) + dx * math.sin(turn)) / a
-        v = (dx * math.cos(turn) - dy * math.sin(turn)) / b
-        rim = rng.uniform(0.05, 0.3)
-        alpha = ((1 - torch.sqrt(u * u + v * v)) / rim).clamp(0, 1) * free.float()
+        alpha = soft_ellipse(liver.shape, (rows[pick], cols[pick]), a, b, rng) * free.float()
         drawn = rng.uniform(*aug["mass_hu"])
         value = (drawn - plan.hu_min) / width if aug.get("mass_absolute", False) else level + drawn / width
-        grain = torch.from_numpy(rng.standard_normal((1, 1, height, width_px)).astype(np.float32))
+        grain = torch.from_numpy(rng.standard_normal((1, 1, *liver.shape)).astype(np.float32))
         grain = F.avg_pool2d(grain, 3, stride=1, padding=1, count_include_pad=False)[0, 0] * 3 * spread
         out = out + alpha * (value + grain - out)
     return out.clamp(0, 1)
