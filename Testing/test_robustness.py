@@ -323,6 +323,41 @@ def test_training_samples_blend_the_unenhanced_slices_and_average_slabs(patient)
     assert 0 <= float(slab[-1].min()) and float(slab[-1].max()) <= 1
 
 
+def test_coronal_and_sagittal_slices_keep_the_liver_in_mm_and_its_contrast_free_version(patient):
+    """``train.ViewSlices``: slices across the patient's volume, resampled to 1.5 mm in every direction. The liver
+    spans as many mm along the body axis in them as over the axial slices (1.6 mm apart), its label lies on the
+    image's liver in the native and the contrast-free version alike, and neither the grid's padding nor a slab
+    becomes a slice."""
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    base = train.PatientSlices(patient("3Dircadb1.17"), ["liver"], plan, unenhanced=True, varied=1)
+    sets = train.ViewSlices.of_patient(base, ["axial", "coronal", "sagittal"], plan.spacing_mm)
+    assert [s.name for s in sets] == ["3Dircadb1.17 coronal", "3Dircadb1.17 sagittal"]
+    assert tuple(s.count for s in sets) == base.grid.size and base.grid.size != base.grid.padded
+    axial = torch.nonzero((base.labels[:, 0] > 0.5).flatten(1).any(1)).flatten()
+    axial_mm = (axial[-1] - axial[0] + 1) * base.spacing_k
+    for view in sets:
+        rows = torch.nonzero((view.labels[:, 0] > 0.5).any(0).any(1)).flatten()  # along the body axis
+        assert abs((rows[-1] - rows[0] + 1) * plan.spacing_mm - axial_mm) <= 2 * base.spacing_k
+        k = int(view.labels[: view.count, 0].float().sum(dim=(1, 2)).argmax())
+        native, plain = view.sample(k, 1), view.sample(k, 1, unenhanced=1.0)
+        varied = view.sample(k, 1, unenhanced=1.0, version=1)
+        liver = native[-1] > 0.5
+        assert liver.sum() > 500 and 0.35 < float(native[1][liver].median()) < 0.7  # enhanced, 90-180 HU
+        assert float(plain[1][liver].median()) < float(native[1][liver].median()) - 0.1  # ~55 HU
+        assert not torch.equal(varied[1], plain[1])  # the varied version is sliced as well
+        torch.testing.assert_close(view.sample(k, 1, slab=3), native)  # slabs thicken axial slices only
+        last = view.sample(view.count - 1, 1)
+        torch.testing.assert_close(last[2], last[1])  # the neighbour past the last slice repeats it, not padding
+    rng = np.random.default_rng(0)
+    assert train.other_view((0, 5), [[3, 4]], [base, None, None, *sets], 0.0, rng) == (0, 5)
+    drawn = [train.other_view((0, 5), [[2, 3]], [base, None, *sets], 1.0, rng) for _ in range(40)]
+    assert {p for p, _ in drawn} == {2, 3} and all(0 <= k < sets[p - 2].count for p, k in drawn)
+
+
 def test_the_mask_free_pull_lowers_enhanced_tissue_and_leaves_fat_and_air(patient):
     from LiverSegUNetLib.preprocess import Plan
 
@@ -641,7 +676,8 @@ def test_robustness_scores_fold_ensembles(ircadb_root, tmp_path):
 
 def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
     """``--thresholds`` scores the model once per threshold (``id@t``); a wider threshold gives another mask,
-    and a threshold outside 0..1 is refused before anything runs; ``--openings`` likewise per cut radius."""
+    and a threshold outside 0..1 is refused before anything runs; ``--openings`` likewise per cut radius, and
+    ``--views`` per set of directions."""
     out = tmp_path / "robustness.json"
     common = ["--model", str(DEFAULT_MODEL), "--patients", "3Dircadb1.17", "--conditions", "native"]
     common += ["--data", str(ircadb_root.parent)]
@@ -662,6 +698,14 @@ def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
     assert all(0.85 < r["native"]["3Dircadb1.17"] <= 1 for r in results.values())
     proc = _robustness(*common, "--openings", "-1", timeout=60)
     assert proc.returncode != 0 and "radii must be 0 or more" in proc.stderr
+    # and per set of directions the network runs in: the card's own (axial) scores as the card does
+    proc = _robustness(*common, "--views", "axial,axial+coronal", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {f"{model_id}@views=axial", f"{model_id}@views=axial+coronal"}
+    assert results[f"{model_id}@views=axial"]["native"]["3Dircadb1.17"] == card
+    proc = _robustness(*common, "--views", "axial+oblique", timeout=60)
+    assert proc.returncode != 0 and "joined by +" in proc.stderr
 
 
 def test_slab_errors_count_what_was_missed_and_added_where():

@@ -205,6 +205,24 @@ def test_training_with_extra_slices_records_them(ircadb_root, msd_root, tmp_path
     assert prov["config"]["plan"]["hu_min"] == 0 and prov["config"]["plan"]["hu_max"] == 255
 
 
+def test_a_run_trains_on_coronal_and_sagittal_slices_and_is_scored_in_every_direction(ircadb_root, tmp_path):
+    """``augment.view_p`` with the plan's other views: the run draws from them beside the axial and extra slices,
+    and its card runs (and was scored) in every direction; without other views in the plan the share is refused
+    before any data is read."""
+    sets = ["samples_fraction=0.05", 'train_patients=["3Dircadb1.7"]', 'test_patients=["3Dircadb1.17"]']
+    proc = _train(ircadb_root, tmp_path / "run", "liver_views_avg", *sets, "augment.unenhanced_p=0.0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "50% of the CT samples from the coronal and sagittal views (267/267 slices per patient)" in proc.stderr
+    model = load_model(tmp_path / "run" / "model.json")
+    assert model.plan.views == ("axial", "coronal", "sagittal")
+    assert (
+        "views axial+coronal+sagittal" in proc.stderr and "3Dircadb1.17" in model.card["provenance"]["held_out_metrics"]
+    )
+    proc = _train(ircadb_root, tmp_path / "refused", "liver_views_avg", *sets, 'plan.views=["axial"]')
+    assert proc.returncode != 0 and "augment.view_p takes samples from plan.views other than axial" in proc.stderr
+    assert "training slices" not in proc.stderr  # refused before the patients were read
+
+
 def test_overlapping_split_is_refused(ircadb_root, tmp_path):
     proc = _train(
         ircadb_root,

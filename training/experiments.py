@@ -86,6 +86,7 @@ EXPERIMENTS = [
     "liver_masses_avg",
     "liver_beside_avg",
     "liver_fluid_avg",
+    "liver_views_avg",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",

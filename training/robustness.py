@@ -18,7 +18,8 @@ fold models (the mean of their liver logits, as ``training.export`` builds an en
 ``--model``, on the patients given (default: all), which may include patients it was trained on (the
 table says so). ``--thresholds`` scores every model at each of those probability thresholds instead of
 its card's (named ``model@threshold``), ``--openings`` at each radius of the clean-up's thin-bridge cut
-(``model@open<mm>``). Writes the JSON and a markdown table beside it.
+(``model@open<mm>``), ``--views`` in each set of directions (``model@views=axial``). Writes the JSON and a
+markdown table beside it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 from LiverSegUNetLib.inference import segment
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
 from LiverSegUNetLib.metrics import dice
+from LiverSegUNetLib.preprocess import VIEWS
 from LiverSegUNetLib.volume import Volume
 from LiverSegUNetLib.weights import load_model
 
@@ -375,11 +377,16 @@ def fold_ensembles(runs: Path, ensembles: list[str], device: str) -> dict[str, l
     return found
 
 
-def at_plan_values(models: dict[str, list[tuple[object, str]]], key: str, values: list[float], tag: str = "") -> dict:
-    """Each model once per value of the plan's ``key`` (applied after the network: ``threshold``,
-    ``opening_mm``), named ``name@<tag><value>``: the card's plan with that value."""
+def at_plan_values(models: dict[str, list[tuple[object, str]]], key: str, values: list, tag: str = "") -> dict:
+    """Each model once per value of the plan's ``key`` (``threshold``, ``opening_mm``: applied after the network;
+    ``views``: the directions it runs in), named ``name@<tag><value>`` (a tuple of views joined by ``+``): the
+    card's plan with that value."""
+
+    def shown(v) -> str:
+        return "+".join(v) if isinstance(v, tuple) else f"{v:g}"
+
     return {
-        f"{name}@{tag}{v:g}": [
+        f"{name}@{tag}{shown(v)}": [
             (dataclasses.replace(m, plan=dataclasses.replace(m.plan, **{key: v})), p) for m, p in pairs
         ]
         for name, pairs in models.items()
@@ -431,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated thin-bridge cut radii in mm (0: largest component only) to score instead of the card's",
     )
+    parser.add_argument(
+        "--views",
+        default="",
+        help="comma-separated sets of directions to run the network in instead of the card's, each joined by +, "
+        "e.g. axial,axial+coronal+sagittal (named model@views=axial, ...)",
+    )
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here and a .md table beside it")
     parser.add_argument(
         "--merge",
@@ -455,6 +468,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--openings {args.openings!r}: give radii in mm, e.g. 0,6,7.5")
     if any(r < 0 for r in openings) or (openings and thresholds):
         parser.error("--openings: radii must be 0 or more, and are not combined with --thresholds")
+    views = [tuple(v.split("+")) for v in args.views.split(",") if v.strip()]
+    bad = [v for v in views if set(v) - set(VIEWS) or len(set(v)) != len(v)]
+    if bad or (views and (thresholds or openings)):
+        parser.error(
+            f"--views {args.views!r}: each set is one or more of {', '.join(VIEWS)} joined by +, each once; "
+            "not combined with --thresholds or --openings"
+        )
     if args.output and not args.output.parent.is_dir():  # found now, not after the scoring
         parser.error(f"-o {args.output}: the folder {args.output.parent} does not exist; create it or write elsewhere")
     data = args.data or default_data_root()
@@ -473,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         models = at_plan_values(models, "threshold", thresholds)
     if openings:
         models = at_plan_values(models, "opening_mm", openings, "open")
+    if views:
+        models = at_plan_values(models, "views", views, "views=")
     t = time.perf_counter()
     results = score(models, data, conditions, args.device, TTA[args.tta] if args.tta else None, args.explain)
     command = "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -36,7 +36,15 @@ from LiverSegUNetLib import metrics
 from LiverSegUNetLib.inference import prepare_slices, segment
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
 from LiverSegUNetLib.model import UNet2D
-from LiverSegUNetLib.preprocess import Plan, Reorientation, SliceGrid, to_model_grid, with_context
+from LiverSegUNetLib.preprocess import (
+    Plan,
+    Reorientation,
+    SliceGrid,
+    along_slices,
+    slices_at,
+    to_model_grid,
+    with_context,
+)
 from LiverSegUNetLib.runtime import autocast_for, resolve_device
 from LiverSegUNetLib.system import machine
 from LiverSegUNetLib.terminology import CATALOGUE
@@ -107,7 +115,7 @@ def check_config(cfg: dict, reference: dict, where: str = "") -> None:
 
 def plan_of(cfg: dict) -> Plan:
     """The preprocessing plan a config describes."""
-    return Plan(multiple=2 ** cfg["depth"], **cfg["plan"])
+    return Plan.from_dict({"multiple": 2 ** cfg["depth"], **cfg["plan"]})
 
 
 def structure_keys(cfg: dict) -> list[str]:
@@ -267,6 +275,7 @@ class PatientSlices(SliceSet):
         grid = SliceGrid.for_slices(ct.shape[1:], reorient.spacing(ct)[:2], plan)
         hu = torch.from_numpy(np.ascontiguousarray(reorient.forward(ct.array)))
         self.name = patient.name
+        self.grid, self.spacing_k = grid, reorient.spacing(ct)[2]
         self.images = prepare_slices(hu, grid, plan).half()
         self.thumbs = overlap.thumbnails(ct.array)  # what an extra slice of this patient would look like
         found = labels.targets(patient, keys, masks)  # the masks the unenhanced mapping read are not read again
@@ -302,6 +311,47 @@ class PatientSlices(SliceSet):
         slab apart, as a CT with thick slices shows them."""
         offsets = (torch.arange(-context, context + 1) * slab)[:, None] + (torch.arange(slab) - (slab - 1) // 2)[None]
         return (k + offsets).clamp(0, self.images.shape[0] - 1)
+
+
+class ViewSlices(SliceSet):
+    """A patient's slices in another direction than axial: ``coronal`` (one slice per row of the axial model
+    grid, rows along the body axis) or ``sagittal`` (one per column). The patient's model-grid slices, labels and
+    contrast-free versions are resampled along the body axis to the in-plane spacing (:func:`along_slices`), so
+    pixels and neighbours are ``plan.spacing_mm`` apart in every direction, as inference slices such a view
+    (``inference.other_view``). ``slab`` is ignored: a thick axial slice does not thicken these slices.
+    """
+
+    #: The axes of the resampled ``(K, H, W)`` volume (and ``(K, S, H, W)`` labels) in a view's slice order.
+    ORDER = {"coronal": ((1, 0, 2), (2, 1, 0, 3)), "sagittal": ((2, 0, 1), (3, 1, 0, 2))}
+
+    def __init__(self, base: PatientSlices, view: str, resampled: dict):
+        image_order, label_order = self.ORDER[view]
+        self.name, self.available, self.contrast_free = f"{base.name} {view}", base.available, None
+        self.images = resampled["images"].permute(image_order)
+        self.labels = resampled["labels"].permute(label_order)
+        self.unenhanced = None if resampled["unenhanced"] is None else resampled["unenhanced"].permute(image_order)
+        self.unenhanced_varied = [v.permute(image_order) for v in resampled["varied"]]
+        self.count = base.grid.size[0 if view == "coronal" else 1]  # the slices beyond are the grid's padding
+
+    @classmethod
+    def of_patient(cls, base: PatientSlices, views, spacing_mm: float) -> list[ViewSlices]:
+        """One set per view in ``views`` (not ``axial``), sharing one resampled volume."""
+        count = slices_at(base.spacing_k, base.images.shape[0], spacing_mm)
+
+        def resampled(stack):
+            return along_slices(stack, count).half()
+
+        volume = {
+            "images": resampled(base.images),
+            "labels": resampled(base.labels),
+            "unenhanced": None if base.unenhanced is None else resampled(base.unenhanced),
+            "varied": [resampled(v) for v in base.unenhanced_varied],
+        }
+        return [cls(base, view, volume) for view in views if view != "axial"]
+
+    def index(self, k: int, context: int, slab: int) -> torch.Tensor:
+        """``(channels, 1)``: slice ``k`` and its neighbours, one slice apart whatever ``slab`` says."""
+        return (k + torch.arange(-context, context + 1)[:, None]).clamp(0, self.count - 1)
 
 
 def _radiological(name: str, image: np.ndarray) -> np.ndarray:
@@ -389,6 +439,15 @@ def training_samples(train: list[PatientSlices], fraction: float, subset_seed: i
         keep = np.random.default_rng(subset_seed).permutation(len(samples))[: max(1, round(len(samples) * fraction))]
         samples = [samples[i] for i in sorted(keep)]
     return samples
+
+
+def other_view(sample: tuple[int, int], view_index: list[list[int]], train, share: float, rng) -> tuple[int, int]:
+    """With probability ``share``, a random slice of one of the sample's patient's view sets (``view_index[p]``:
+    their indices in ``train``) instead of the (axial) ``sample``."""
+    if rng.uniform() >= share:
+        return sample
+    chosen = view_index[sample[0]][int(rng.integers(len(view_index[sample[0]])))]
+    return chosen, int(rng.integers(train[chosen].count))
 
 
 def crop_or_pad(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -975,6 +1034,12 @@ def main(argv: list[str] | None = None) -> int:
             "packed slices hold one contrast-free version; set augment.unenhanced_varied = 0 and "
             "augment.unenhanced_fresh = false, or cache = ''"
         )
+    view_p, views = cfg["augment"]["view_p"], [v for v in plan.views if v != "axial"]
+    if view_p > 0 and (not views or cache is not None or fresh):
+        raise SystemExit(
+            "augment.view_p takes samples from plan.views other than axial (none given), from the patients' own "
+            "volumes: not with cache or augment.unenhanced_fresh"
+        )
     if cache is None:
         patients = {n: IrcadbPatient(data_root / n) for n in cfg["train_patients"] + cfg["test_patients"]}
         train = [PatientSlices(patients[n], keys, plan, unenhanced, varied, fresh) for n in cfg["train_patients"]]
@@ -986,6 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_on = cfg["test_patients"] if cfg["validate"] and rank == 0 else []
         test_slices = [packed.load(packed.path_for(cache, n), plan, keys[:1]) for n in validate_on]
     samples = training_samples(train, cfg["samples_fraction"], cfg["subset_seed"])
+    view_sets = [ViewSlices.of_patient(p, views, plan.spacing_mm) for p in train] if view_p > 0 else []
     extra, left_out = None, {}
     per_batch = cfg["batch_size"]  # CT slices per batch; the rest of the batch comes from the extra slices
     if cfg["extra_2d"]:
@@ -1014,6 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
             removed = extra.drop_cases(left_out)
             log.info("extra 2D cases showing a test patient, left out: %s (%d slices)", left_out, removed)
         train.append(extra)
+        extra_index = len(train) - 1
         log.info(
             "extra 2D slices: %d from %d other patients (%s), %d of every %d batch samples",
             extra.images.shape[0],
@@ -1021,6 +1088,17 @@ def main(argv: list[str] | None = None) -> int:
             cfg["extra_2d"],
             cfg["batch_size"] - per_batch,
             cfg["batch_size"],
+        )
+    view_index = []  # per CT patient, the indices in ``train`` of its view sets
+    for sets in view_sets:
+        view_index.append(list(range(len(train), len(train) + len(sets))))
+        train += sets
+    if view_sets:
+        log.info(
+            "%.0f%% of the CT samples from the %s views (%s slices per patient)",
+            100 * view_p,
+            " and ".join(views),
+            ", ".join("/".join(str(v.count) for v in sets) for sets in view_sets),
         )
     log.info(
         "%s: %d training slices of %s from %s, test %s, %d process(es) on %s (data %.1f s)",
@@ -1058,9 +1136,11 @@ def main(argv: list[str] | None = None) -> int:
     def next_batch(step: int, mine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The augmented batch of this rank's ``step``-th group of samples (of the order ``mine``)."""
         batch = [samples[i] for i in mine[step * per_batch : (step + 1) * per_batch]]
+        if view_sets:  # drawn only when enabled, so a config without views sees the same random stream as before
+            batch = [other_view(sample, view_index, train, view_p, rng) for sample in batch]
         if extra is not None:  # drawn for every rank from the shared generator, each rank takes its row
             picks = rng.integers(0, extra.images.shape[0], (world, cfg["batch_size"] - per_batch))[rank]
-            batch += [(len(train) - 1, int(k)) for k in picks]
+            batch += [(extra_index, int(k)) for k in picks]
         x, y, available = make_batch(train, batch, plan, cfg["crop"], rng, cfg["augment"], contrast_only)
         x, y = augment(x, y, cfg["augment"], gen, plan.spacing_mm)
         return x, y, available

@@ -21,7 +21,16 @@ import numpy as np
 from . import slicing
 from .errors import Cancelled, InputError
 from .measure import volume_ml
-from .preprocess import Reorientation, SliceGrid, from_model_grid, normalize, to_model_grid
+from .preprocess import (
+    Reorientation,
+    SliceGrid,
+    along_slices,
+    from_model_grid,
+    normalize,
+    slices_at,
+    to_model_grid,
+    with_context,
+)
 from .runtime import NetworkRuntime, Runtime
 from .terminology import Structure
 from .volume import Volume, bounding_box
@@ -107,11 +116,26 @@ class ModelGridPrediction:
         self.probability = np.zeros((structures, n, height, width), dtype=np.uint8)
         self.handled = np.zeros(n, dtype=bool)  # slices predicted, or known to hold no liver
         self.level = int(round(plan.threshold * 255))  # the threshold on the uint8 scale
+        self.views_done = 0  # directions finished; each is an equal share of the inference progress
+
+    def report(self, fraction: float) -> None:
+        """Report inference progress: ``fraction`` of the current direction done, after those finished."""
+        if self.progress is not None:
+            self.progress("inference", (self.views_done + fraction) / len(self.plan.views))
 
     def check_cancel(self) -> None:
         """Raise :class:`Cancelled` when the caller asked to stop."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("segmentation cancelled")
+
+    def logits(self, x):
+        """The network's probabilities for a batch of model-grid inputs ``(B, C, H, W)`` (float32, on the CPU)."""
+        import torch
+
+        memory_format = torch.channels_last if self.device == "cpu" else torch.contiguous_format
+        with self.network.autocast:
+            logits = self.network.run(x.to(self.device, dtype=self.network.dtype, memory_format=memory_format))
+        return torch.sigmoid(logits.float()).cpu()
 
     def run(self, slices: np.ndarray) -> None:
         """The network on ``slices`` (indices into the crop), each with its neighbours as channels."""
@@ -119,7 +143,6 @@ class ModelGridPrediction:
 
         _, n, height, width = self.probability.shape
         offsets = np.arange(-self.plan.context, self.plan.context + 1)
-        memory_format = torch.channels_last if self.device == "cpu" else torch.contiguous_format
         for start in range(0, len(slices), self.batch_size):
             self.check_cancel()
             batch = slices[start : start + self.batch_size]
@@ -127,14 +150,50 @@ class ModelGridPrediction:
             needed = np.unique(with_neighbours)  # each slice is resampled once, even when shared
             stack = prepare_slices(torch.from_numpy(self.hu[needed]), self.grid, self.plan)
             x = stack[torch.from_numpy(np.searchsorted(needed, with_neighbours))]
-            with self.network.autocast:
-                logits = self.network.run(x.to(self.device, dtype=self.network.dtype, memory_format=memory_format))
             # the model grid is padded to a multiple of the network's stride: keep the grid's own size
-            probability = torch.sigmoid(logits.float()[:, :, :height, :width]).cpu()
+            probability = self.logits(x)[:, :, :height, :width]
             self.probability[:, batch] = (probability * 255).round().to(torch.uint8).numpy().transpose(1, 0, 2, 3)
             self.handled[batch] = True
-            if self.progress is not None:
-                self.progress("inference", float(self.handled.mean()))
+            self.report(float(self.handled.mean()))
+
+    def other_view(self, view: str, spacing_k_mm: float):
+        """Probabilities ``(structures, slices, rows, columns)`` (float32 tensor, on the model grid) from the
+        network run on ``coronal`` or ``sagittal`` slices: the model-grid slices resampled along the body axis
+        to ``plan.spacing_mm``, sliced across, each slice with its neighbours as channels, the result resampled
+        back to the axial slices."""
+        import torch
+        import torch.nn.functional as F
+
+        structures, n, height, width = self.probability.shape
+        step = self.batch_size  # a flipped input is a view with negative strides: each batch is copied
+        batches = (torch.from_numpy(np.ascontiguousarray(self.hu[i : i + step])) for i in range(0, n, step))
+        stack = torch.cat([prepare_slices(b, self.grid, self.plan) for b in batches])[:, :height, :width]
+        volume = along_slices(stack, slices_at(spacing_k_mm, n, self.plan.spacing_mm))
+        del stack
+        across = volume.permute(1, 0, 2) if view == "coronal" else volume.permute(2, 0, 1)
+        multiple = self.plan.multiple
+        pad = (0, -across.shape[2] % multiple, 0, -across.shape[1] % multiple)
+        out = torch.zeros((structures, *across.shape))
+        for start in range(0, across.shape[0], self.batch_size):
+            self.check_cancel()
+            centers = torch.arange(start, min(start + self.batch_size, across.shape[0]))
+            x = F.pad(with_context(across, centers, self.plan.context), pad)
+            out[:, centers] = self.logits(x)[:, :, : across.shape[1], : across.shape[2]].transpose(0, 1)
+            self.report(int(centers[-1] + 1) / across.shape[0])
+        back = out.permute(0, 2, 1, 3) if view == "coronal" else out.permute(0, 2, 3, 1)
+        return along_slices(back.transpose(0, 1), n).transpose(0, 1)
+
+    def fuse_views(self, spacing_k_mm: float) -> None:
+        """Average, into :attr:`probability`, the axial probabilities (when the plan's views hold axial, already
+        run) with those of the plan's other views (:meth:`other_view`)."""
+        views = self.plan.views
+        total = self.probability.astype(np.float32) / 255 if "axial" in views else 0.0
+        self.views_done = int("axial" in views)
+        for view in (v for v in views if v != "axial"):
+            total = total + self.other_view(view, spacing_k_mm).numpy()
+            self.views_done += 1
+        self.probability[:] = np.round(np.clip(total / len(views), 0, 1) * 255).astype(np.uint8)
+        self.handled[:] = True
 
     def run_where_the_liver_can_be(self, spacing_k_mm: float) -> int:
         """Probe every ``PROBE_MM``, then run only the slices that can hold the first structure's largest
@@ -268,7 +327,8 @@ def predict_canonical(
     (:func:`slicing.liver_range`: the result is the same as running every slice). The
     probabilities stay on the (smaller) model grid as uint8; postprocessing runs there too, and the
     full-resolution mask is built batch by batch, so memory beyond the input and output arrays stays
-    small.
+    small. A plan whose ``views`` hold more than ``axial`` also runs the network across the volume
+    (:meth:`ModelGridPrediction.fuse_views`) and averages the directions' probabilities before postprocessing.
     """
     import torch
 
@@ -289,18 +349,24 @@ def predict_canonical(
         progress=progress,
         cancel=cancel,
     )
+    views = model.plan.views
     with torch.inference_mode():
-        if postprocess and probe_applies(structures):
+        if "axial" not in views:
+            ran = 0
+        elif postprocess and probe_applies(structures):
             ran = prediction.run_where_the_liver_can_be(spacing_mm[2])
         else:
             prediction.run(np.arange(hu.shape[0]))
             ran = hu.shape[0]
+        if views != ("axial",):
+            prediction.fuse_views(spacing_mm[2])
     log.info(
-        "network ran on %d of %d slices, %dx%d of %dx%d pixels each",
+        "network ran on %d of %d axial slices, %dx%d of %dx%d pixels each; views %s",
         ran,
         hu.shape[0],
         *hu_crop.shape[1:],
         *hu.shape[1:],
+        "+".join(views),
     )
     seconds["inference"] = time.perf_counter() - t
     prediction.check_cancel()

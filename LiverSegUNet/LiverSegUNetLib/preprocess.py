@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from .errors import InputError
 from .volume import Volume
 
+#: The directions a network can slice a volume in (:attr:`Plan.views`).
+VIEWS = ("axial", "coronal", "sagittal")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -25,6 +28,11 @@ class Plan:
     #: Radius of the ball (mm) that opens a largest-component structure before its largest component is
     #: kept: parts joined to it only through something thinner than twice this are cut off (0: off).
     opening_mm: float = 0.0
+    #: Directions the network slices the volume in, their probabilities averaged: ``axial`` (slices along the
+    #: body axis, on their own spacing), ``coronal`` and ``sagittal`` (the volume resampled to ``spacing_mm``
+    #: in every direction first, so neighbours are ``spacing_mm`` apart). A network trained on those views
+    #: sees a structure's extent along the body axis, which axial slices show only across neighbours.
+    views: tuple[str, ...] = ("axial",)
 
     @property
     def in_channels(self) -> int:
@@ -33,7 +41,9 @@ class Plan:
 
     def to_dict(self) -> dict:
         """Plain values for JSON."""
-        return asdict(self)
+        values = asdict(self)
+        values["views"] = list(self.views)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> Plan:
@@ -41,7 +51,10 @@ class Plan:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
-        return cls(**values)
+        views = tuple(values.get("views", VIEWS[:1]))
+        if not views or len(set(views)) != len(views) or set(views) - set(VIEWS):
+            raise ValueError(f"views {list(views)}: give one or more of {list(VIEWS)}, each once")
+        return cls(**{**values, "views": views})
 
 
 class Reorientation:
@@ -115,6 +128,19 @@ def from_model_grid(maps: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
     """Inverse of :func:`to_model_grid` for ``(N, Hp, Wp)`` maps: crop the padding, resize back."""
     x = maps[:, None, : grid.size[0], : grid.size[1]].float()
     return F.interpolate(x, size=grid.in_shape, mode="bilinear", align_corners=False)[:, 0]
+
+
+def slices_at(spacing_k_mm: float, count: int, spacing_mm: float) -> int:
+    """How many slices ``spacing_mm`` apart span ``count`` slices ``spacing_k_mm`` apart."""
+    return max(1, round(count * spacing_k_mm / spacing_mm))
+
+
+def along_slices(stack: torch.Tensor, count: int) -> torch.Tensor:
+    """``(K, ...)`` slices resampled linearly to ``count`` slices over the same extent (slice centres at
+    ``(k + 0.5) * K / count - 0.5``, as ``F.interpolate`` without ``align_corners``), in float32."""
+    flat = stack.reshape(stack.shape[0], -1).float().T[None]  # (1, pixels, K)
+    out = F.interpolate(flat, size=count, mode="linear", align_corners=False)[0].T
+    return out.reshape(count, *stack.shape[1:])
 
 
 def with_context(stack: torch.Tensor, centers: torch.Tensor, context: int) -> torch.Tensor:
