@@ -318,7 +318,8 @@ class ViewSlices(SliceSet):
     grid, rows along the body axis) or ``sagittal`` (one per column). The patient's model-grid slices, labels and
     contrast-free versions are resampled along the body axis to the in-plane spacing (:func:`along_slices`), so
     pixels and neighbours are ``plan.spacing_mm`` apart in every direction, as inference slices such a view
-    (``inference.other_view``). ``slab`` is ignored: a thick axial slice does not thicken these slices.
+    (``inference.ModelGridPrediction.other_view``). ``slab`` is ignored: a thick axial slice does not thicken
+    these slices.
     """
 
     #: The axes of the resampled ``(K, H, W)`` volume (and ``(K, S, H, W)`` labels) in a view's slice order.
