@@ -59,3 +59,18 @@ def test_another_ct_with_a_label_map_as_reference(tmp_path):
     assert external.agreement(model, case=case) == external.agreement(model)
     with pytest.raises(SystemExit, match="--label"):
         external.sample_with_reference(ct, tmp_path / "labels.nii.gz", 3)
+
+
+def test_other_directions_are_scored_under_their_own_name(tmp_path):
+    """``--views`` scores the model in each set of directions (``name@views=...``): its card's own, axial, scores
+    as the card does; a direction that does not exist is refused before anything runs."""
+    out = tmp_path / "external.json"
+    assert external.main(["--model", str(DEFAULT_MODEL), "--views", "axial", "-o", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {f"{DEFAULT_MODEL.stem}@views=axial"}
+    recorded = json.loads(DEFAULT_MODEL.read_text())["provenance"]["sample_agreement"]
+    assert results[f"{DEFAULT_MODEL.stem}@views=axial"]["model"] == pytest.approx(recorded, abs=0.005)
+    with pytest.raises(SystemExit):
+        external.main(["--model", str(DEFAULT_MODEL), "--views", "axial+axial"])
+    with pytest.raises(ValueError, match="joined by"):
+        external.parse_views("coronal,oblique")

@@ -16,7 +16,8 @@ leaves out (or adds) tissue one can see in the preview. One CT: a check on how a
 to rank recipes by to the third decimal.
 
 Each fold model of ``--runs`` is scored (they differ in which two patients they were trained on), as is
-any ``--model``. The table gives Dice per model and the mean per experiment.
+any ``--model``; ``--views`` scores each in those sets of directions instead of its card's (as
+``training.robustness --views``). The table gives Dice per model and the mean per experiment.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from LiverSegUNetLib.outputs import atomic_write_bytes
 from LiverSegUNetLib.sample import sample_ct_path
 from LiverSegUNetLib.weights import load_model
 
-from training.robustness import loo_models
+from training.robustness import at_plan_values, loo_models, parse_views
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "totalseg_example_ct_liver.nii.gz"
 
@@ -88,13 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct", type=Path, help="another CT (DICOM folder, NRRD, NIfTI) instead of the sample")
     parser.add_argument("--reference", type=Path, help="with --ct: its reference mask or label map, same grid")
     parser.add_argument("--label", type=int, default=1, help="the liver's value in --reference (default 1)")
+    parser.add_argument(
+        "--views",
+        default="",
+        help="comma-separated sets of directions to run the network in instead of the card's, each joined by +, "
+        "e.g. axial,axial+coronal+sagittal (named model@views=axial, ...)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here (merged into what is there)")
     args = parser.parse_args(argv)
+    try:
+        views = parse_views(args.views)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.model:
         models = {args.model.stem: [(load_model(args.model, device=args.device), "model")]}
     else:
         models = loo_models(args.runs, args.experiments, args.device)
+    if views:
+        models = at_plan_values(models, "views", views, "views=")
     if bool(args.ct) != bool(args.reference):
         parser.error("--ct and --reference go together")
     case = sample_with_reference(args.ct, args.reference, args.label) if args.ct else None

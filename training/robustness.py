@@ -377,6 +377,15 @@ def fold_ensembles(runs: Path, ensembles: list[str], device: str) -> dict[str, l
     return found
 
 
+def parse_views(text: str) -> list[tuple[str, ...]]:
+    """``--views``: comma-separated sets of directions, each joined by ``+`` (``axial,axial+coronal``); a
+    ValueError says what is wrong."""
+    views = [tuple(v.strip().split("+")) for v in text.split(",") if v.strip()]
+    if any(set(v) - set(VIEWS) or len(set(v)) != len(v) for v in views):
+        raise ValueError(f"--views {text!r}: each set is one or more of {', '.join(VIEWS)} joined by +, each once")
+    return views
+
+
 def at_plan_values(models: dict[str, list[tuple[object, str]]], key: str, values: list, tag: str = "") -> dict:
     """Each model once per value of the plan's ``key`` (``threshold``, ``opening_mm``: applied after the network;
     ``views``: the directions it runs in), named ``name@<tag><value>`` (a tuple of views joined by ``+``): the
@@ -468,13 +477,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--openings {args.openings!r}: give radii in mm, e.g. 0,6,7.5")
     if any(r < 0 for r in openings) or (openings and thresholds):
         parser.error("--openings: radii must be 0 or more, and are not combined with --thresholds")
-    views = [tuple(v.split("+")) for v in args.views.split(",") if v.strip()]
-    bad = [v for v in views if set(v) - set(VIEWS) or len(set(v)) != len(v)]
-    if bad or (views and (thresholds or openings)):
-        parser.error(
-            f"--views {args.views!r}: each set is one or more of {', '.join(VIEWS)} joined by +, each once; "
-            "not combined with --thresholds or --openings"
-        )
+    try:
+        views = parse_views(args.views)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if views and (thresholds or openings):
+        parser.error("--views is not combined with --thresholds or --openings")
     if args.output and not args.output.parent.is_dir():  # found now, not after the scoring
         parser.error(f"-o {args.output}: the folder {args.output.parent} does not exist; create it or write elsewhere")
     data = args.data or default_data_root()
