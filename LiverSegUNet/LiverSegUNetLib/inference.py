@@ -156,20 +156,25 @@ class ModelGridPrediction:
             self.handled[batch] = True
             self.report(float(self.handled.mean()))
 
-    def other_view(self, view: str, spacing_k_mm: float):
-        """Probabilities ``(structures, slices, rows, columns)`` (float32 tensor, on the model grid) from the
-        network run on ``coronal`` or ``sagittal`` slices: the model-grid slices resampled along the body axis
-        to ``plan.spacing_mm``, sliced across, each slice with its neighbours as channels, the result resampled
-        back to the axial slices."""
+    def isotropic(self, spacing_k_mm: float):
+        """The crop on the model grid, its slices resampled along the body axis to ``plan.spacing_mm``:
+        ``(slices, rows, columns)``, float32, what :meth:`other_view` slices across."""
         import torch
-        import torch.nn.functional as F
 
-        structures, n, height, width = self.probability.shape
+        _, n, height, width = self.probability.shape
         step = self.batch_size  # a flipped input is a view with negative strides: each batch is copied
         batches = (torch.from_numpy(np.ascontiguousarray(self.hu[i : i + step])) for i in range(0, n, step))
         stack = torch.cat([prepare_slices(b, self.grid, self.plan) for b in batches])[:, :height, :width]
-        volume = along_slices(stack, slices_at(spacing_k_mm, n, self.plan.spacing_mm))
-        del stack
+        return along_slices(stack, slices_at(spacing_k_mm, n, self.plan.spacing_mm))
+
+    def other_view(self, view: str, volume):
+        """Probabilities ``(structures, slices, rows, columns)`` (float32 tensor, on the model grid) from the
+        network run on ``coronal`` or ``sagittal`` slices of ``volume`` (:meth:`isotropic`), each slice with its
+        neighbours as channels, the result resampled back to the axial slices."""
+        import torch
+        import torch.nn.functional as F
+
+        structures, n = self.probability.shape[:2]
         across = volume.permute(1, 0, 2) if view == "coronal" else volume.permute(2, 0, 1)
         multiple = self.plan.multiple
         pad = (0, -across.shape[2] % multiple, 0, -across.shape[1] % multiple)
@@ -189,8 +194,9 @@ class ModelGridPrediction:
         views = self.plan.views
         total = self.probability.astype(np.float32) / 255 if "axial" in views else 0.0
         self.views_done = int("axial" in views)
+        volume = self.isotropic(spacing_k_mm)  # resampled once for every direction
         for view in (v for v in views if v != "axial"):
-            total = total + self.other_view(view, spacing_k_mm).numpy()
+            total = total + self.other_view(view, volume).numpy()
             self.views_done += 1
         self.probability[:] = np.round(np.clip(total / len(views), 0, 1) * 255).astype(np.uint8)
         self.handled[:] = True
