@@ -321,13 +321,15 @@ class JobMonitor:
             return _("Cancelled; the segmentation was not changed.")
         if self.stats["volume_ml"] == 0:
             return _("No liver found: is it an abdominal CT that covers the liver? The Liver segment is empty.")
-        if len(self.stats["structures"]) > 1:
-            from LiverSegUNetLib.measure import describe
+        from LiverSegUNetLib.measure import describe, raised_note
 
-            return _("{measurements}; in {s:.1f} s").format(
+        if len(self.stats["structures"]) > 1:
+            text = _("{measurements}; in {s:.1f} s").format(
                 measurements=describe(self.stats["structures"]), s=self.stats["seconds"]
             )
-        return _("Liver: {ml:.1f} ml in {s:.1f} s").format(ml=self.stats["volume_ml"], s=self.stats["seconds"])
+        else:
+            text = _("Liver: {ml:.1f} ml in {s:.1f} s").format(ml=self.stats["volume_ml"], s=self.stats["seconds"])
+        return f"{text}; {raised_note(self.stats['raised_hu'])}" if self.stats.get("raised_hu") else text
 
 
 def checkTorchVersion(version):
@@ -581,6 +583,7 @@ class LiverSegUNetLogic(ScriptedLoadableModuleLogic):
             "device": job.result.device,
             "precision": job.result.precision,
             "model_id": job.result.model_id,
+            "raised_hu": job.result.raised_hu,
         }
 
     def process(

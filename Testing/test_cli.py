@@ -44,7 +44,8 @@ def test_segment_real_patient_end_to_end(patient, ircadb_root, tmp_path):
     assert summary["slices"] == 119 and {"read", "inference", "postprocess", "write", "total"} <= set(
         summary["seconds"]
     )
-    assert f"{TEST_PATIENT}: liver" in proc.stdout
+    assert summary["soft_tissue_raised_hu"] == 0  # an enhanced liver (median 101 HU): the network ran once
+    assert f"{TEST_PATIENT}: liver" in proc.stdout and "raised" not in proc.stdout
     # evaluate prints the same Dice
     ev = subprocess.run(
         [LIVERSEG, "evaluate", str(out / f"{TEST_PATIENT}.seg.nrrd"), str(ircadb_root / TEST_PATIENT), "--json"],

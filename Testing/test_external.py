@@ -74,3 +74,5 @@ def test_other_directions_are_scored_under_their_own_name(tmp_path):
         external.main(["--model", str(DEFAULT_MODEL), "--views", "axial+axial"])
     with pytest.raises(ValueError, match="joined by"):
         external.parse_views("coronal,oblique")
+    with pytest.raises(ValueError, match="liver floors in HU"):
+        external.parse_floors("90,-5")

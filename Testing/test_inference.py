@@ -8,7 +8,7 @@ from LiverSegUNetLib import metrics, slicing
 from LiverSegUNetLib.errors import Cancelled, InputError
 from LiverSegUNetLib.inference import opening_voxels, segment
 from LiverSegUNetLib.postprocess import cut_thin_bridges, fill_holes_per_slice, largest_component
-from LiverSegUNetLib.preprocess import Plan
+from LiverSegUNetLib.preprocess import FULL_UNTIL_HU, RAMP_BELOW_LIVER_HU, UNTIL_HU, Plan, raise_soft_tissue
 from LiverSegUNetLib.runtime import runtime_network
 from LiverSegUNetLib.slicing import body_box, liver_range
 from LiverSegUNetLib.volume import Volume
@@ -217,8 +217,8 @@ def test_runtime_network_matches_the_trained_network(bundled_model, sample_ct):
     assert 0.02 < float((reference > 0.5).float().mean()) < 0.5  # and there is a liver in these slices
 
 
-def _reads_its_input(network, device):
-    """A runtime whose "network" marks where its centre channel is brighter than 0.7 of the HU window: a
+def _reads_its_input(network, device, level: float = 0.7):
+    """A runtime whose "network" marks where its centre channel is brighter than ``level`` of the HU window: a
     segmentation is then the bright voxels of the input, in whichever direction it was sliced."""
     import contextlib
 
@@ -227,7 +227,7 @@ def _reads_its_input(network, device):
 
     def run(x):
         centre = x[:, x.shape[1] // 2 : x.shape[1] // 2 + 1].float()
-        return (centre - 0.7) * 60
+        return (centre - level) * 60
 
     return NetworkRuntime(run, torch.float32, contextlib.nullcontext(), "fp32")
 
@@ -272,3 +272,77 @@ def test_views_are_checked_and_old_cards_run_axial():
     for bad in (["axial", "axial"], ["oblique"], []):
         with pytest.raises(ValueError, match="views"):
             Plan.from_dict({"views": bad})
+
+
+def test_raising_soft_tissue_moves_organs_and_leaves_air_fat_water_and_bone(patient):
+    """On a real CT, raised from its liver's median: the liver's brighter half goes up by exactly the shift, the
+    darker tissue less the darker it is (a hypodense mass ends further below the liver than before), air, fat, water
+    and bone keep their values, and the mapping keeps the order of every value; a shift that would not is refused."""
+    p = patient(TEST_PATIENT)
+    hu = p.ct.array
+    liver = p.mask("liver").array > 0
+    median = float(np.median(hu[liver]))
+    raised = raise_soft_tissue(hu, 40.0, median)
+    full = liver & (hu >= median) & (hu <= FULL_UNTIL_HU)
+    assert full.sum() > 0.4 * liver.sum()
+    np.testing.assert_allclose(raised[full], hu[full] + 40.0)
+    darker = median - RAMP_BELOW_LIVER_HU / 2  # half-way down the ramp: raised by half the shift
+    np.testing.assert_allclose(raise_soft_tissue(np.float32([darker]), 40.0, median), [darker + 20.0])
+    unchanged = (hu <= median - RAMP_BELOW_LIVER_HU) | (hu >= UNTIL_HU)  # air, lung, fat, water; bone, contrast
+    assert unchanged.mean() > 0.5
+    np.testing.assert_array_equal(raised[unchanged], hu[unchanged].astype(np.float32))
+    values = np.arange(-1024, 3000, 0.5, dtype=np.float32)
+    for shift in (0.0, 20.0, 99.0):
+        assert np.all(np.diff(raise_soft_tissue(values, shift, 45.0)) > 0), shift
+    for bad in (-1.0, 100.0):
+        with pytest.raises(ValueError, match="shift"):
+            raise_soft_tissue(values, bad, 45.0)
+    with pytest.raises(ValueError, match="liver at"):
+        raise_soft_tissue(values, 10.0, FULL_UNTIL_HU)
+
+
+@pytest.mark.parametrize("floor, raised", [(0.0, False), (110.0, False), (145.0, True)])
+def test_a_liver_darker_than_the_floor_is_run_again_raised(patient, bundled_model, floor, raised):
+    """A network that reads its input back (it marks values above 0.45 of the 0..255 HU window, 114.75 HU) on a CT
+    whose liver is 120 HU in its upper half and 105 HU in its lower half finds the upper half only. With a liver
+    floor above what it found (120 HU) the soft tissue is raised by the difference (the lower half, 15 HU below the
+    liver found, by 5/8 of it) and the second pass finds the whole liver; with the floor off, or below 120 HU, the
+    network runs once and the lower half stays unfound."""
+    import dataclasses
+    import functools
+
+    p = patient(TEST_PATIENT)
+    liver = p.mask("liver").array > 0
+    body = p.ct.array > -300
+    hu = np.where(body, 0, -1000).astype(np.int16)
+    ks = np.flatnonzero(liver.any(axis=(1, 2)))
+    middle = int(np.median(ks))
+    upper = liver.copy()
+    upper[:middle] = False  # k points up: the slices from the middle of the liver to its dome
+    hu[liver] = 105
+    hu[upper] = 120
+    model = dataclasses.replace(bundled_model, plan=dataclasses.replace(bundled_model.plan, liver_floor_hu=floor))
+    assert (model.plan.hu_min, model.plan.hu_max) == (0.0, 255.0)
+    seen = []
+    progress = seen.append
+    ct = p.ct.with_array(hu)
+    runtime = functools.partial(_reads_its_input, level=0.45)
+    seg = segment(ct, model, device="cpu", runtime=runtime, progress=lambda *a: progress(a), checked=True)
+    stages = {stage for stage, _ in seen}
+    assert ("inference, raised" in stages) == raised
+    # the found upper half is 120 HU (its rim a little darker on the model grid): raised by about 25 HU, or not at all
+    assert (23 < seg.raised_hu <= 26) if raised else seg.raised_hu == 0
+    if raised:
+        assert metrics.dice(seg.mask.array, liver) > 0.97
+        fractions = [f for stage, f in seen if stage == "inference, raised"]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    else:
+        assert metrics.dice(seg.mask.array, upper) > 0.95 and not (seg.mask.array & (liver & ~upper)).any()
+
+
+def test_old_cards_have_no_liver_floor_and_a_floor_is_checked():
+    assert Plan.from_dict({}).liver_floor_hu == 0.0  # cards from before the floor run once, as they were scored
+    assert Plan.from_dict({"liver_floor_hu": 90}).to_dict()["liver_floor_hu"] == 90
+    for bad in (-10, FULL_UNTIL_HU, 300):  # a liver at the floor must still lie below the fully raised range
+        with pytest.raises(ValueError, match="liver_floor_hu"):
+            Plan.from_dict({"liver_floor_hu": bad})

@@ -676,8 +676,8 @@ def test_robustness_scores_fold_ensembles(ircadb_root, tmp_path):
 
 def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
     """``--thresholds`` scores the model once per threshold (``id@t``); a wider threshold gives another mask,
-    and a threshold outside 0..1 is refused before anything runs; ``--openings`` likewise per cut radius, and
-    ``--views`` per set of directions."""
+    and a threshold outside 0..1 is refused before anything runs; ``--openings`` likewise per cut radius,
+    ``--views`` per set of directions and ``--floors`` per liver floor."""
     out = tmp_path / "robustness.json"
     common = ["--model", str(DEFAULT_MODEL), "--patients", "3Dircadb1.17", "--conditions", "native"]
     common += ["--data", str(ircadb_root.parent)]
@@ -706,6 +706,16 @@ def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
     assert results[f"{model_id}@views=axial"]["native"]["3Dircadb1.17"] == card
     proc = _robustness(*common, "--views", "axial+oblique", timeout=60)
     assert proc.returncode != 0 and "joined by +" in proc.stderr
+    # and per liver floor: off scores as the card does; patient 17's enhanced liver (about 110 HU) lies above a
+    # 90 HU floor, so that floor changes nothing, while one above it runs again raised and scores otherwise
+    proc = _robustness(*common, "--floors", "0,90,140", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {f"{model_id}@floor={f}" for f in (0, 90, 140)}
+    off, below, above = (results[f"{model_id}@floor={f}"]["native"]["3Dircadb1.17"] for f in (0, 90, 140))
+    assert off == below == card and above != card
+    proc = _robustness(*common, "--floors", "90,150", timeout=60)
+    assert proc.returncode != 0 and "liver floors in HU" in proc.stderr
 
 
 def test_slab_errors_count_what_was_missed_and_added_where():

@@ -333,3 +333,39 @@ def test_accurate_parameter_picks_the_bundled_ensemble(scene, monkeypatch, tmp_p
     p.SetParameter("Structures", "false")
     monkeypatch.setattr(weights, "ACCURATE_MODEL", tmp_path / "absent.json")
     assert logic.accurateModelPath() is None and logic.modelPathFor(p) is None
+
+
+def test_a_liver_darker_than_the_cards_floor_is_raised_and_the_panel_says_so(scene, ct, tmp_path):
+    """A card whose liver floor lies above this enhanced liver (median about 100 HU) makes the run go again with
+    the soft tissue raised: the stats say by how much and the panel's result line says why; the bundled card, whose
+    floor (60 HU) lies below this liver, runs once and says nothing of it."""
+    import dataclasses
+
+    from LiverSegUNetLib.weights import card_structures, load_model, save_model
+
+    from LiverSegUNet import JobMonitor
+
+    bundled = load_model(device="cpu")
+    card = save_model(
+        bundled.network,
+        dataclasses.replace(bundled.plan, liver_floor_hu=140.0),
+        tmp_path / "floor.json",
+        model_id="floor-140",
+        structures=card_structures(bundled.card),
+        provenance={},
+        dtype=bundled.card.get("weights_dtype", "float16"),
+    )
+    volume, expert = ct
+    node = add_volume(volume.array, volume.ijk_to_lps())
+    logic = LiverSegUNetLogic()
+    texts = {}
+    for name, path in (("floor", card), ("bundled", None)):
+        monitor = JobMonitor(logic, logic.startJob(node, device="cpu", modelPath=path))
+        while not monitor.tick():
+            pass
+        assert monitor.error is None, monitor.error
+        texts[name] = (monitor.stats, monitor.statusText())
+    (stats, text), (plain, plain_text) = texts["floor"], texts["bundled"]
+    assert 25 < stats["raised_hu"] < 55 and "raised" in text and f"raised {stats['raised_hu']:.0f} HU" in text
+    assert plain["raised_hu"] == 0 and "raised" not in plain_text and plain_text.startswith("Liver: ")
+    assert stats["volume_ml"] > 0.5 * plain["volume_ml"]  # the raised CT still gives this liver

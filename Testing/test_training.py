@@ -83,6 +83,28 @@ def test_tiny_training_run_exports_a_loadable_model(ircadb_root, patient, tmp_pa
     with pytest.raises(SystemExit, match="retrain"):
         rescore.parse_sets(["hu_min=0"])
 
+    # a liver floor needs no retraining either; a card carrying its recipe's tables (as a final model's does) takes
+    # the robustness table scored with the new plan, and only one whose native Dice is the card's own
+    assert rescore.parse_sets(["liver_floor_hu=60"]) == {"liver_floor_hu": 60.0}
+    with pytest.raises(SystemExit, match="no robustness table"):
+        rescore.rescore(card, {"liver_floor_hu": 60.0}, ircadb_root.parent, table={"native": {}})
+    content = json.loads(card.read_text())
+    dice = round(json.loads(card.read_text())["provenance"]["held_out_metrics"]["3Dircadb1.17"]["dice"], 4)
+    content["provenance"] |= {
+        "leave_one_out_metrics": {"3Dircadb1.17": {"dice": dice}},
+        "robustness_dice": {"native": {"3Dircadb1.17": dice}},
+    }
+    card.write_text(json.dumps(content))
+    new_table = {"native": {"3Dircadb1.17": dice}, "unenhanced_dark": {"3Dircadb1.17": 0.5}}
+    with pytest.raises(SystemExit, match="not the card's leave-one-out Dice"):
+        rescore.rescore(card, {"liver_floor_hu": 60.0}, ircadb_root.parent, table={"native": {"3Dircadb1.17": 0.1}})
+    rescore.rescore(
+        card, {"liver_floor_hu": 60.0}, ircadb_root.parent, table=new_table, table_from="--entry x@floor=60"
+    )
+    floored = load_model(card)
+    assert floored.plan.liver_floor_hu == 60.0 and floored.card["provenance"]["robustness_dice"] == new_table
+    assert floored.card["provenance"]["rescored"][-1]["command"].endswith("--set liver_floor_hu=60 --entry x@floor=60")
+
 
 def test_multi_structure_run_scores_each_structure_and_exports_a_chosen_few(ircadb_root, tmp_path):
     """liver_multi in miniature: a channel per structure, held-out metrics for those the test patient has

@@ -36,7 +36,7 @@ from LiverSegUNetLib.outputs import atomic_write_bytes
 from LiverSegUNetLib.sample import sample_ct_path
 from LiverSegUNetLib.weights import load_model
 
-from training.robustness import at_plan_values, loo_models, parse_views
+from training.robustness import at_plan_values, loo_models, parse_floors, parse_views
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "totalseg_example_ct_liver.nii.gz"
 
@@ -95,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated sets of directions to run the network in instead of the card's, each joined by +, "
         "e.g. axial,axial+coronal+sagittal (named model@views=axial, ...)",
     )
+    parser.add_argument(
+        "--floors",
+        default="",
+        help="comma-separated liver floors in HU to score instead of the card's (as training.robustness --floors)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here (merged into what is there)")
     args = parser.parse_args(argv)
     try:
-        views = parse_views(args.views)
+        views, floors = parse_views(args.views), parse_floors(args.floors)
     except ValueError as exc:
         parser.error(str(exc))
     if args.model:
@@ -108,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         models = loo_models(args.runs, args.experiments, args.device)
     if views:
         models = at_plan_values(models, "views", views, "views=")
+    if floors:
+        models = at_plan_values(models, "liver_floor_hu", floors, "floor=")
     if bool(args.ct) != bool(args.reference):
         parser.error("--ct and --reference go together")
     case = sample_with_reference(args.ct, args.reference, args.label) if args.ct else None

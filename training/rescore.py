@@ -1,14 +1,18 @@
-"""Re-score finished runs after a change to what inference does once the network has run (the plan's
-``threshold`` or ``opening_mm``): the weights stay as trained, the card gets the new plan (weights re-saved
-with it, so card and weights still match) and its held-out metrics are measured again through the product's
-own ``segment()``. Run from the repository root with the project installed:
+"""Re-score finished runs after a change to what inference does around the trained network (the plan's
+``threshold``, ``opening_mm`` or ``liver_floor_hu``): the weights stay as trained, the card gets the new plan
+(weights re-saved with it, so card and weights still match) and its held-out metrics are measured again through
+the product's own ``segment()``. Run from the repository root with the project installed:
 
     python -m training.rescore --runs training/runs/loo --experiments liver_robust --set opening_mm=7.5
     python -m training.rescore --cards training/runs/final/liver_robust/model.json --set opening_mm=7.5
+    python -m training.rescore --cards CARD.json --set liver_floor_hu=60 \
+        --robustness training/results/robustness.json --entry liver_general_avg@floor=60
 
 The card's provenance keeps a record per re-scoring: the plan values changed, the metrics before, the
-command. Anything that changes what the network sees (window, pixel size, context) needs retraining and
-is refused.
+command. A card that carries its recipe's robustness table (a final model's) takes the new one from
+``--robustness`` (the entry scored with the same plan values, e.g. by ``training.robustness --floors``); its
+leave-one-out Dice must be that entry's native one. Anything that changes what the network sees (window, pixel
+size, context) needs retraining and is refused.
 """
 
 from __future__ import annotations
@@ -22,18 +26,19 @@ from pathlib import Path
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
 from LiverSegUNetLib.weights import card_structures, load_model, save_model
 
-#: Plan values that only act after the network: changing them needs no retraining.
-AFTER_THE_NETWORK = ("threshold", "opening_mm")
+#: Plan values inference applies around the trained network (after it, or to a second pass's input): changing
+#: them needs no retraining.
+NO_RETRAINING = ("threshold", "opening_mm", "liver_floor_hu")
 
 
 def parse_sets(sets: list[str]) -> dict[str, float]:
-    """``key=value`` pairs for :data:`AFTER_THE_NETWORK` plan values; anything else exits with a message."""
+    """``key=value`` pairs for :data:`NO_RETRAINING` plan values; anything else exits with a message."""
     changes = {}
     for item in sets:
         key, sep, value = item.partition("=")
-        if not sep or key not in AFTER_THE_NETWORK:
+        if not sep or key not in NO_RETRAINING:
             raise SystemExit(
-                f"--set {item!r}: give key=value with key one of {', '.join(AFTER_THE_NETWORK)} "
+                f"--set {item!r}: give key=value with key one of {', '.join(NO_RETRAINING)} "
                 "(other plan values change what the network sees: retrain instead)"
             )
         try:
@@ -43,9 +48,19 @@ def parse_sets(sets: list[str]) -> dict[str, float]:
     return changes
 
 
-def rescore(card_path: Path, changes: dict[str, float], data: Path, device: str = "cpu") -> dict:
+def rescore(
+    card_path: Path,
+    changes: dict[str, float],
+    data: Path,
+    device: str = "cpu",
+    table: dict | None = None,
+    table_from: str = "",
+) -> dict:
     """Give the model at ``card_path`` the plan ``changes``, measure its test patients again, rewrite its
-    card and weights; returns the new held-out metrics (empty for a run without test patients)."""
+    card and weights; returns the new held-out metrics (empty for a run without test patients). ``table``: the
+    robustness table of its recipe's fold models under the same changes, for a card that carries one (a final
+    model), read as ``table_from`` says (the command's ``--robustness F --entry E``); its native Dice must be the
+    card's leave-one-out Dice."""
     from training.experiments import portable
     from training.train import evaluate
 
@@ -63,10 +78,22 @@ def rescore(card_path: Path, changes: dict[str, float], data: Path, device: str 
             "plan": changes,
             "held_out_metrics_before": before,
             "command": f"python -m training.rescore --cards {portable(str(Path(card_path).resolve()))} "
-            + " ".join(f"--set {k}={v:g}" for k, v in changes.items()),
+            + " ".join(f"--set {k}={v:g}" for k, v in changes.items())
+            + (f" {table_from}" if table_from else ""),
         },
     ]
     provenance["held_out_metrics"] = after
+    if table is not None:
+        if "robustness_dice" not in provenance:
+            raise SystemExit(f"{card_path}: the card carries no robustness table to replace")
+        loo = {p: round(m["dice"], 4) for p, m in provenance.get("leave_one_out_metrics", {}).items()}
+        if table.get("native") != loo:
+            raise SystemExit(
+                f"{card_path}: the table's native Dice {table.get('native')} is not the card's leave-one-out Dice "
+                f"{loo}: re-score the fold runs and measure them again instead"
+            )
+        order = [*provenance["robustness_dice"], *table]  # the card's conditions in their order, any new ones after
+        provenance["robustness_dice"] = {c: table[c] for c in dict.fromkeys(order) if c in table}
     if isinstance(provenance.get("config", {}).get("plan"), dict):
         provenance["config"] = {**provenance["config"], "plan": {**provenance["config"]["plan"], **changes}}
     save_model(
@@ -87,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiments", nargs="*", default=[], help="experiments under --runs (default: none)")
     parser.add_argument("--cards", nargs="*", type=Path, default=[], help="model cards to re-score")
     parser.add_argument("--set", action="append", default=[], help="plan value after the network, e.g. opening_mm=7.5")
+    parser.add_argument("--robustness", type=Path, help="with --entry: the robustness results holding the new table")
+    parser.add_argument("--entry", help="with --robustness: the model entry scored with these plan values")
     parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -98,11 +127,22 @@ def main(argv: list[str] | None = None) -> int:
         cards += [c for e in args.experiments for c in sorted(args.runs.glob(f"*/{e}/model.json"))]
     if not cards:
         parser.error("no model cards: give --cards, or --runs with --experiments")
+    if bool(args.robustness) != bool(args.entry):
+        parser.error("--robustness and --entry go together")
+    table = None
+    if args.robustness:
+        results = json.loads(args.robustness.read_text())["results"]
+        if args.entry not in results:
+            parser.error(f"--entry {args.entry!r} is not in {args.robustness}")
+        table = results[args.entry]
+    from training.experiments import portable
+
     for card in cards:
         if not card.exists():
             raise SystemExit(f"{card}: no such model card")
     for card in cards:
-        after = rescore(card, changes, args.data, args.device)
+        source = f"--robustness {portable(str(args.robustness.resolve()))} --entry {args.entry}" if table else ""
+        after = rescore(card, changes, args.data, args.device, table, source)
         dice = {p: round(m["dice"], 4) for p, m in after.items()}
         print(f"{card}: {changes} -> held-out Dice {json.dumps(dice)}", flush=True)
     return 0

@@ -50,7 +50,7 @@ BAR_FORMAT = "{desc:<12} {bar:30} {percentage:3.0f}% {elapsed}"
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .measure import describe
+    from .measure import describe, raised_note
     from .pipeline import segment_batch
     from .runtime import resolve_device
     from .weights import ACCURATE_MODEL, STRUCTURES_MODEL, load_model
@@ -125,6 +125,8 @@ def _segment(args: argparse.Namespace) -> int:
         )
         if len(summary["structures"]) > 1 and summary["liver_volume_ml"] is not None:
             print(f"  {describe(summary['structures'])}")
+        if summary["soft_tissue_raised_hu"]:
+            print(f"  {raised_note(summary['soft_tissue_raised_hu'])}")
         for kind, name in summary["outputs"].items():
             print(f"  {kind:<9} {Path(args.output) / name}")
     elif not single:

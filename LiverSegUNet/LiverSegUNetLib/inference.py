@@ -27,6 +27,7 @@ from .preprocess import (
     along_slices,
     from_model_grid,
     normalize,
+    raise_soft_tissue,
     slices_at,
     to_model_grid,
     with_context,
@@ -50,6 +51,9 @@ class Segmentation:
     device: str
     precision: str
     seconds: dict = field(default_factory=dict)
+    #: How far the soft tissue was raised for a second pass because the liver first found was darker than the
+    #: plan's ``liver_floor_hu`` (HU; 0: the network ran once, on the CT as it is).
+    raised_hu: float = 0.0
 
     @property
     def mask(self) -> Volume:
@@ -104,13 +108,24 @@ def prepare_slices(hu, grid: SliceGrid, plan):
 
 class ModelGridPrediction:
     """Per-structure probabilities (x 255, uint8) of every slice of a body crop on the model grid,
-    ``(structures, slices, rows, columns)``, filled batch by batch."""
+    ``(structures, slices, rows, columns)``, filled batch by batch. With ``raise_hu`` (shift, liver HU) the network
+    sees the crop's soft tissue raised by the shift (:func:`raise_soft_tissue`), slice by slice as it is read."""
 
     def __init__(
-        self, hu_crop: np.ndarray, grid: SliceGrid, plan, network: NetworkRuntime, device: str, structures: int, **run
+        self,
+        hu_crop: np.ndarray,
+        grid: SliceGrid,
+        plan,
+        network: NetworkRuntime,
+        device: str,
+        structures: int,
+        raise_hu: tuple[float, float] | None = None,
+        **run,
     ):
         self.hu, self.grid, self.plan, self.network, self.device = hu_crop, grid, plan, network, device
         self.batch_size, self.progress, self.cancel = run["batch_size"], run["progress"], run["cancel"]
+        self.raise_hu = raise_hu
+        self.stage = "inference" if raise_hu is None else "inference, raised"
         n = hu_crop.shape[0]
         height, width = grid.size
         self.probability = np.zeros((structures, n, height, width), dtype=np.uint8)
@@ -121,12 +136,34 @@ class ModelGridPrediction:
     def report(self, fraction: float) -> None:
         """Report inference progress: ``fraction`` of the current direction done, after those finished."""
         if self.progress is not None:
-            self.progress("inference", (self.views_done + fraction) / len(self.plan.views))
+            self.progress(self.stage, (self.views_done + fraction) / len(self.plan.views))
 
     def check_cancel(self) -> None:
         """Raise :class:`Cancelled` when the caller asked to stop."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("segmentation cancelled")
+
+    def prepare(self, hu_slices: np.ndarray):
+        """Crop slices ``(N, H, W)`` to normalized model-grid slices (a float32 tensor), raised by ``raise_hu``."""
+        import torch
+
+        if self.raise_hu is not None:
+            hu_slices = raise_soft_tissue(hu_slices, *self.raise_hu)
+        return prepare_slices(torch.from_numpy(np.ascontiguousarray(hu_slices)), self.grid, self.plan)
+
+    def found_median_hu(self, samples: int = 24) -> float | None:
+        """The median HU, as read (before any shift), of the first structure's voxels at or above the threshold, on
+        the model grid, over at most ``samples`` of the slices that hold some (None: nothing found)."""
+        import torch
+
+        _, n, height, width = self.probability.shape
+        first = self.probability[0]
+        holding = np.flatnonzero(first.reshape(n, -1).max(axis=1) >= self.level)
+        if not len(holding):
+            return None
+        picked = holding[np.unique(np.linspace(0, len(holding) - 1, min(samples, len(holding))).round().astype(int))]
+        hu = to_model_grid(torch.from_numpy(np.ascontiguousarray(self.hu[picked])).float(), self.grid)
+        return float(np.median(hu[:, :height, :width].numpy()[first[picked] >= self.level]))
 
     def logits(self, x):
         """The network's probabilities for a batch of model-grid inputs ``(B, C, H, W)`` (float32, on the CPU)."""
@@ -148,7 +185,7 @@ class ModelGridPrediction:
             batch = slices[start : start + self.batch_size]
             with_neighbours = np.clip(batch[:, None] + offsets[None, :], 0, n - 1)  # (batch, channels)
             needed = np.unique(with_neighbours)  # each slice is resampled once, even when shared
-            stack = prepare_slices(torch.from_numpy(self.hu[needed]), self.grid, self.plan)
+            stack = self.prepare(self.hu[needed])
             x = stack[torch.from_numpy(np.searchsorted(needed, with_neighbours))]
             # the model grid is padded to a multiple of the network's stride: keep the grid's own size
             probability = self.logits(x)[:, :, :height, :width]
@@ -163,8 +200,7 @@ class ModelGridPrediction:
 
         _, n, height, width = self.probability.shape
         step = self.batch_size  # a flipped input is a view with negative strides: each batch is copied
-        batches = (torch.from_numpy(np.ascontiguousarray(self.hu[i : i + step])) for i in range(0, n, step))
-        stack = torch.cat([prepare_slices(b, self.grid, self.plan) for b in batches])[:, :height, :width]
+        stack = torch.cat([self.prepare(self.hu[i : i + step]) for i in range(0, n, step)])[:, :height, :width]
         return along_slices(stack, slices_at(spacing_k_mm, n, self.plan.spacing_mm))
 
     def other_view(self, view: str, volume):
@@ -312,6 +348,53 @@ def to_input_grid(
     return masks
 
 
+#: The most :func:`floor_shift_hu` raises the soft tissue by (HU): a liver darker than the floor by more is raised
+#: this much (:func:`raise_soft_tissue` keeps the order of values below 100).
+MAX_SHIFT_HU = 80.0
+
+
+def network_pass(
+    hu_crop: np.ndarray,
+    grid: SliceGrid,
+    model,
+    network: NetworkRuntime,
+    device: str,
+    spacing_k_mm: float,
+    *,
+    postprocess: bool,
+    raise_hu: tuple[float, float] | None = None,
+    **run,
+) -> tuple[ModelGridPrediction, int]:
+    """The network on the crop, in the plan's directions, its soft tissue raised by ``raise_hu`` (the shift and the
+    liver's HU, :func:`raise_soft_tissue`; None: as it is): the prediction and how many axial slices ran. With
+    postprocessing on (and a model whose structures all lie inside the liver, :func:`probe_applies`) the axial
+    direction probes first (``run_where_the_liver_can_be``)."""
+    structures, views = model.structures, model.plan.views
+    prediction = ModelGridPrediction(hu_crop, grid, model.plan, network, device, len(structures), raise_hu, **run)
+    if "axial" not in views:
+        ran = 0
+    elif postprocess and probe_applies(structures):
+        ran = prediction.run_where_the_liver_can_be(spacing_k_mm)
+    else:
+        ran = hu_crop.shape[0]
+        prediction.run(np.arange(ran))
+    if views != ("axial",):
+        prediction.fuse_views(spacing_k_mm)
+    return prediction, ran
+
+
+def floor_shift_hu(prediction: ModelGridPrediction, floor_hu: float) -> tuple[float, float] | None:
+    """How far to raise the soft tissue for a second pass, and the liver's HU it is raised from (None: no second
+    pass): the gap between ``floor_hu`` (the plan's ``liver_floor_hu``; 0 is off) and the median HU of the liver
+    found, up to :data:`MAX_SHIFT_HU`."""
+    if floor_hu <= 0:
+        return None
+    median = prediction.found_median_hu()
+    if median is None or median >= floor_hu:
+        return None
+    return min(floor_hu - median, MAX_SHIFT_HU), median
+
+
 def predict_canonical(
     hu: np.ndarray,
     spacing_mm: tuple[float, float, float],
@@ -323,6 +406,7 @@ def predict_canonical(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     seconds: dict | None = None,
+    notes: dict | None = None,
 ) -> list[np.ndarray]:
     """uint8 masks, one per structure of ``model``, for a canonical ``[k, j, i]`` HU array with ``(i, j, k)``
     spacing in mm.
@@ -335,44 +419,38 @@ def predict_canonical(
     full-resolution mask is built batch by batch, so memory beyond the input and output arrays stays
     small. A plan whose ``views`` hold more than ``axial`` also runs the network across the volume
     (:meth:`ModelGridPrediction.fuse_views`) and averages the directions' probabilities before postprocessing.
+    A plan with a ``liver_floor_hu`` runs the network a second time, the soft tissue raised, when the liver first
+    found is darker than that (:func:`floor_shift_hu`); the second pass is the result, and ``notes["raised_hu"]``
+    says by how much (0 without a second pass).
     """
     import torch
 
     seconds = {} if seconds is None else seconds
+    notes = {} if notes is None else notes
     t = time.perf_counter()
     crop = slicing.body_box(hu, spacing_mm[:2])
     hu_crop = hu[:, crop[0], crop[1]]
     grid = SliceGrid.for_slices(hu_crop.shape[1:], spacing_mm[:2], model.plan)
     structures = model.structures
-    prediction = ModelGridPrediction(
-        hu_crop,
-        grid,
-        model.plan,
-        network,
-        device,
-        len(structures),
-        batch_size=batch_size,
-        progress=progress,
-        cancel=cancel,
-    )
-    views = model.plan.views
+    args = (hu_crop, grid, model, network, device, spacing_mm[2])
+    run = {"postprocess": postprocess, "batch_size": batch_size, "progress": progress, "cancel": cancel}
     with torch.inference_mode():
-        if "axial" not in views:
-            ran = 0
-        elif postprocess and probe_applies(structures):
-            ran = prediction.run_where_the_liver_can_be(spacing_mm[2])
-        else:
-            prediction.run(np.arange(hu.shape[0]))
-            ran = hu.shape[0]
-        if views != ("axial",):
-            prediction.fuse_views(spacing_mm[2])
+        prediction, ran = network_pass(*args, **run)
+        raise_hu = floor_shift_hu(prediction, model.plan.liver_floor_hu)
+        notes["raised_hu"] = 0.0 if raise_hu is None else raise_hu[0]
+        if raise_hu is not None:
+            log.info(
+                "the liver found lies at %.0f HU: soft tissue raised by %.0f HU, network run again", *raise_hu[::-1]
+            )
+            prediction, again = network_pass(*args, raise_hu=raise_hu, **run)
+            ran += again
     log.info(
         "network ran on %d of %d axial slices, %dx%d of %dx%d pixels each; views %s",
         ran,
         hu.shape[0],
         *hu_crop.shape[1:],
         *hu.shape[1:],
-        "+".join(views),
+        "+".join(model.plan.views),
     )
     seconds["inference"] = time.perf_counter() - t
     prediction.check_cancel()
@@ -432,8 +510,10 @@ def segment(
     canonical = reorient.forward(volume.array)
     spacing = reorient.spacing(volume)
     network = (runtime or runtime_network)(model.network, device)
+    notes = {}
     masks = predict_canonical(
-        canonical, spacing, model, device, network, batch_size, postprocess, progress, cancel, seconds
+        canonical, spacing, model, device, network, batch_size, postprocess, progress, cancel, seconds, notes
     )
     masks = [volume.with_array(np.ascontiguousarray(reorient.backward(m))) for m in masks]
-    return Segmentation(masks, model.structures, model.model_id, device, network.precision, seconds)
+    raised = float(notes.get("raised_hu", 0.0))
+    return Segmentation(masks, model.structures, model.model_id, device, network.precision, seconds, raised)

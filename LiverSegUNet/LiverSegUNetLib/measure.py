@@ -66,3 +66,11 @@ def describe(rows: list[dict]) -> str:
                 text += f" ({100 * lesions['burden']:.1f}% burden)"
         parts.append(text)
     return "; ".join(parts)
+
+
+def raised_note(raised_hu: float) -> str:
+    """What a second pass with the soft tissue raised (:attr:`Segmentation.raised_hu`) means, in one line."""
+    return (
+        f"the liver first found looked unenhanced (no contrast or a fatty liver): the network ran again with the "
+        f"soft tissue raised {raised_hu:.0f} HU"
+    )

@@ -135,6 +135,7 @@ def segment_file(
         "device": result.device,
         "precision": result.precision,
         "postprocess": postprocess,
+        "soft_tissue_raised_hu": round(result.raised_hu, 1),
         "outputs": {k: p.name for k, p in paths.items()},
         "liverseg_version": __version__,
         "machine": machine(),

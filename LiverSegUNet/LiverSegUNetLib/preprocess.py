@@ -33,6 +33,15 @@ class Plan:
     #: in every direction first, so neighbours are ``spacing_mm`` apart). A network trained on those views
     #: sees a structure's extent along the body axis, which axial slices show only across neighbours.
     views: tuple[str, ...] = ("axial",)
+    #: A floor for the liver's attenuation (HU; 0: off). When the median HU of what the network first finds of
+    #: the first structure lies below it (a CT without contrast, a fatty liver), the soft tissue is raised by
+    #: the difference (:func:`raise_soft_tissue`) and the network runs again on that: a model that has seen
+    #: mostly contrast-enhanced livers then meets a dark one at the values it knows best.
+    liver_floor_hu: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.liver_floor_hu < FULL_UNTIL_HU:
+            raise ValueError(f"liver_floor_hu {self.liver_floor_hu}: give 0 (off) up to below {FULL_UNTIL_HU:g} HU")
 
     @property
     def in_channels(self) -> int:
@@ -115,6 +124,29 @@ class SliceGrid:
 def normalize(hu: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Clip to the HU window and scale it to 0..1."""
     return (hu.float().clamp(plan.hu_min, plan.hu_max) - plan.hu_min) / (plan.hu_max - plan.hu_min)
+
+
+#: :func:`raise_soft_tissue` raises values from the liver's own up to ``FULL_UNTIL_HU`` by the full amount, tapering
+#: linearly to nothing ``RAMP_BELOW_LIVER_HU`` below the liver's value (so what is darker than the liver, a
+#: hypodense mass, fluid, fat, stays darker than it by more, as contrast shows it) and at ``UNTIL_HU`` (bone and
+#: contrast-filled structures above stay).
+RAMP_BELOW_LIVER_HU = 40.0
+FULL_UNTIL_HU = 150.0
+UNTIL_HU = 250.0
+
+
+def raise_soft_tissue(hu: np.ndarray, shift_hu: float, liver_hu: float) -> np.ndarray:
+    """``hu`` (float32) with the soft tissue from ``liver_hu`` up raised by ``shift_hu`` >= 0, less below it
+    (:data:`RAMP_BELOW_LIVER_HU`) and towards bone (:data:`UNTIL_HU`); air, fat, water and bone unchanged. For a
+    shift below ``UNTIL_HU - FULL_UNTIL_HU`` (100 HU) the mapping keeps the order of the values."""
+    if not 0 <= shift_hu < UNTIL_HU - FULL_UNTIL_HU:
+        raise ValueError(f"shift {shift_hu} HU: give 0 up to {UNTIL_HU - FULL_UNTIL_HU:g}")
+    if not liver_hu < FULL_UNTIL_HU:
+        raise ValueError(f"liver at {liver_hu} HU: a liver to raise lies below {FULL_UNTIL_HU:g} HU")
+    h = np.asarray(hu, dtype=np.float32)
+    low = liver_hu - RAMP_BELOW_LIVER_HU
+    weight = np.clip((h - low) / RAMP_BELOW_LIVER_HU, 0, 1) * np.clip((UNTIL_HU - h) / (UNTIL_HU - FULL_UNTIL_HU), 0, 1)
+    return h + np.float32(shift_hu) * weight
 
 
 def to_model_grid(slices: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
