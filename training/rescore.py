@@ -69,6 +69,15 @@ def rescore(
     plan = dataclasses.replace(model.plan, **changes)
     provenance = dict(card.get("provenance", {}))
     before = provenance.get("held_out_metrics", {})
+    if table is not None:  # refused before the patients are measured
+        if "robustness_dice" not in provenance:
+            raise SystemExit(f"{card_path}: the card carries no robustness table to replace")
+        loo = {p: round(m["dice"], 4) for p, m in provenance.get("leave_one_out_metrics", {}).items()}
+        if table.get("native") != loo:
+            raise SystemExit(
+                f"{card_path}: the table's native Dice {table.get('native')} is not the card's leave-one-out Dice "
+                f"{loo}: re-score the fold runs and measure them again instead"
+            )
     patients = [IrcadbPatient(data / "3Dircadb1" / p) for p in provenance.get("test_patients", [])]
     keys = provenance.get("structures") or ["liver"]
     after = evaluate(dataclasses.replace(model, plan=plan), patients, keys, device) if patients else {}
@@ -84,14 +93,6 @@ def rescore(
     ]
     provenance["held_out_metrics"] = after
     if table is not None:
-        if "robustness_dice" not in provenance:
-            raise SystemExit(f"{card_path}: the card carries no robustness table to replace")
-        loo = {p: round(m["dice"], 4) for p, m in provenance.get("leave_one_out_metrics", {}).items()}
-        if table.get("native") != loo:
-            raise SystemExit(
-                f"{card_path}: the table's native Dice {table.get('native')} is not the card's leave-one-out Dice "
-                f"{loo}: re-score the fold runs and measure them again instead"
-            )
         order = [*provenance["robustness_dice"], *table]  # the card's conditions in their order, any new ones after
         provenance["robustness_dice"] = {c: table[c] for c in dict.fromkeys(order) if c in table}
     if isinstance(provenance.get("config", {}).get("plan"), dict):
