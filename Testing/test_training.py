@@ -790,13 +790,11 @@ def test_a_recipe_run_once_does_not_compete_with_recipes_run_twice(tmp_path):
     assert experiments.best_liver_experiment(tmp_path)[0] == "liver_general"  # without robustness results too
 
 
-def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_else(tmp_path, monkeypatch):
-    """``--stage final_default`` retrains (here: finds finished) the recipe the rule picks over all its runs
-    and installs it as the default model, its card holding that run's tables and the command; the structures
-    and accurate models are left alone."""
+def finished_default_runs(tmp_path, monkeypatch) -> tuple[list[str], dict]:
+    """Fold runs of three recipes (``liver_deep`` wins over its two runs), their robustness table, the final
+    ``liver_deep`` run finished already, and the bundled models redirected under ``tmp_path``: the
+    ``--stage final_default`` arguments and the table."""
     from LiverSegUNetLib import weights
-
-    from training import experiments
 
     data, runs, results = tmp_path / "data", tmp_path / "runs" / "loo", tmp_path / "results"
     table = {}
@@ -811,10 +809,24 @@ def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_el
     results.mkdir()
     (results / "robustness.json").write_text(json.dumps({"results": table}))
     net = train.UNet2D(3, 1, base=4, depth=3).eval()
-    save_model(net, Plan(multiple=8), tmp_path / "runs" / "final" / "liver_deep" / "model", model_id="d")
+    provenance = {"config": {"name": "liver_deep", "plan": {"threshold": 0.5}}, "test_patients": []}
+    final = tmp_path / "runs" / "final" / "liver_deep" / "model"
+    save_model(net, Plan(multiple=8), final, model_id="d", provenance=provenance)
     for name in ("DEFAULT_MODEL", "STRUCTURES_MODEL", "ACCURATE_MODEL"):
         monkeypatch.setattr(weights, name, tmp_path / f"{name.lower()}.json")
-    argv = ["--stage", "final_default", "--data", str(data), "--runs", str(runs), "--results", str(results)]
+    return ["--stage", "final_default", "--data", str(data), "--runs", str(runs), "--results", str(results)], table
+
+
+def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_else(tmp_path, monkeypatch):
+    """``--stage final_default`` retrains (here: finds finished) the recipe the rule picks over all its runs
+    and installs it as the default model, its card holding that run's tables and the command; the structures
+    and accurate models are left alone."""
+    from LiverSegUNetLib import weights
+
+    from training import experiments
+
+    monkeypatch.setattr(experiments, "SHIPPED_PLAN", {})
+    argv, table = finished_default_runs(tmp_path, monkeypatch)
     assert experiments.main(argv) == 0
     card = load_model(weights.DEFAULT_MODEL).card
     provenance = card["provenance"]
@@ -851,6 +863,89 @@ def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_el
     assert shared.card["provenance"]["leave_one_out_metrics"] == provenance["leave_one_out_metrics"]
     assert shared.card["provenance"]["train_patients"] == ["3Dircadb1.1", "3Dircadb1.7"]
     assert "sample_agreement" in shared.card["provenance"] and "member 1" in shared.card["provenance"]["weights"]
+
+
+def test_final_default_gives_the_card_its_shipped_plan_with_the_table_scored_at_it(tmp_path, monkeypatch):
+    """A recipe with ``SHIPPED_PLAN`` values (a liver floor) is installed with them in its card's plan, its card
+    holding its fold models' table scored at them, and the step recorded; a table not scored yet is scored by
+    the robustness command first. A network shared with the accurate ensemble must get the ensemble's values."""
+    from LiverSegUNetLib import weights
+    from LiverSegUNetLib.model import Ensemble
+
+    from training import experiments
+
+    monkeypatch.setattr(experiments, "SHIPPED_PLAN", {"liver_deep": {"liver_floor_hu": 60.0}})
+    argv, table = finished_default_runs(tmp_path, monkeypatch)
+    robustness = tmp_path / "results" / "robustness.json"
+    raised = {"native": table["liver_deep"]["native"], "unenhanced": {"3Dircadb1.1": 0.93, "3Dircadb1.7": 0.89}}
+    robustness.write_text(json.dumps({"results": {**table, "liver_deep@floor=60": raised}}))
+    assert experiments.main(argv) == 0
+    model = load_model(weights.DEFAULT_MODEL)
+    provenance = model.card["provenance"]
+    assert model.plan.liver_floor_hu == 60 and model.card["preprocessing"]["liver_floor_hu"] == 60
+    assert provenance["robustness_dice"] == raised  # the table of what the card runs, not the plain one
+    assert provenance["plan_after_training"]["values"] == {"liver_floor_hu": 60.0}
+    assert provenance["plan_after_training"]["robustness_entry"] == "liver_deep@floor=60"
+    assert provenance["config"]["plan"] == {"threshold": 0.5, "liver_floor_hu": 60.0}
+    assert provenance["leave_one_out_metrics"] == {"3Dircadb1.1": {"dice": 0.95}, "3Dircadb1.7": {"dice": 0.91}}
+
+    # the entry not scored yet: the robustness command scores that recipe at that floor into the same file first
+    robustness.write_text(json.dumps({"results": table}))
+    commands = []
+
+    def robustness_command(cmd, **kwargs):
+        commands.append(cmd)
+        merged = {**json.loads(robustness.read_text())["results"], "liver_deep@floor=60": raised}
+        robustness.write_text(json.dumps({"results": merged}))
+
+    monkeypatch.setattr(experiments.subprocess, "run", robustness_command)
+    weights.DEFAULT_MODEL.unlink()
+    assert experiments.main(argv) == 0
+    (cmd,) = commands
+    assert cmd[1:3] == ["-m", "training.robustness"] and cmd[cmd.index("-o") + 1] == str(robustness)
+    assert {"--merge", "--floors", "60", "--experiments", "liver_deep"} <= set(cmd) and "--ensemble" not in cmd
+    assert load_model(weights.DEFAULT_MODEL).card["provenance"]["robustness_dice"] == raised
+
+    # the same network bundled in the accurate ensemble, which runs without the floor: refused, nothing written
+    shutil.rmtree(tmp_path / "runs" / "final")
+    members = [train.UNet2D(3, 1, base=4, depth=2).eval(), train.UNet2D(3, 1, base=4, depth=3).eval()]
+    trained = [
+        {"config": {"name": n}, "train_patients": ["3Dircadb1.1", "3Dircadb1.7"], "test_patients": []}
+        for n in ("liver_robust", "liver_deep")
+    ]
+    save_model(
+        Ensemble(members), Plan(multiple=8), weights.ACCURATE_MODEL, model_id="e", provenance={"ensemble_of": trained}
+    )
+    before = weights.DEFAULT_MODEL.read_bytes()
+    with pytest.raises(SystemExit, match="whose plan it shares"):
+        experiments.main(argv)
+    assert weights.DEFAULT_MODEL.read_bytes() == before
+
+
+def test_shipped_plan_values_are_in_the_bundled_cards():
+    """``SHIPPED_PLAN`` holds only values that need no retraining, one per recipe, and each bundled liver card runs
+    with its recipe's values (and the defaults where it has none): the constant is what the final stage gives, the
+    cards what ships, and the two must not drift apart."""
+    from LiverSegUNetLib.weights import ACCURATE_MODEL, DEFAULT_MODEL
+
+    from training import experiments
+    from training.rescore import NO_RETRAINING
+
+    assert set(experiments.PLAN_OPTIONS) == set(NO_RETRAINING)
+    for name, values in experiments.SHIPPED_PLAN.items():
+        assert len(values) == 1 and set(values) <= set(NO_RETRAINING), name
+    for card_path, recipe in [
+        (DEFAULT_MODEL, experiments.shipped_recipe()),
+        (ACCURATE_MODEL, "ensemble:" + "+".join(experiments.ACCURATE)),
+    ]:
+        card = json.loads(card_path.read_text())
+        values = experiments.SHIPPED_PLAN.get(recipe, {})
+        for key, value in values.items():
+            assert card["preprocessing"].get(key) == value, card_path.name
+        if "liver_floor_hu" not in values:  # off unless given
+            assert card["preprocessing"].get("liver_floor_hu", 0) == 0, card_path.name
+        changes, entry = experiments.shipped_entry(recipe)
+        assert changes == values and (entry == recipe) == (not values)
 
 
 def test_final_accurate_installs_the_ensemble_of_finished_runs_with_its_fold_table_and_nothing_else(

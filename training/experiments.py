@@ -18,6 +18,7 @@ passed to every run (e.g. ``--set epochs=2`` for a smoke test).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import subprocess
@@ -126,6 +127,18 @@ LIVER = [e for e in EXPERIMENTS if e.startswith("liver") and e not in REPLICATES
 #: default in every condition's mean (native 0.917 against 0.914, worst condition 0.862 against 0.859): one run's
 #: luck weighs less, which matters most on CTs unlike the three patients.
 ACCURATE = ["liver_general", "liver_general_fine"]
+#: Plan values a shipped model takes after its training, per recipe (``ensemble:A+B`` for the accurate ensemble):
+#: values inference applies around the trained network (``training.rescore.NO_RETRAINING``), chosen on its fold
+#: models scored at them (``training.robustness --floors``; RESULTS.md, "Contrast raised at test time"). The final
+#: stage gives them to the card it installs, with the robustness table scored at them, so it installs again what
+#: ships. They live here, not in the recipe's config: the configs that extend it were trained and scored without.
+SHIPPED_PLAN: dict[str, dict[str, float]] = {"liver_general_avg": {"liver_floor_hu": 60.0}}
+#: The robustness command's option and entry tag for each such plan value (``model@floor=60``).
+PLAN_OPTIONS = {
+    "liver_floor_hu": ("--floors", "floor="),
+    "opening_mm": ("--openings", "open"),
+    "threshold": ("--thresholds", ""),
+}
 
 
 def portable(value):
@@ -474,6 +487,55 @@ def run_robustness(data: Path, runs: Path, out: Path) -> dict:
     return json.loads(out.read_text())["results"]
 
 
+def shipped_entry(name: str) -> tuple[dict[str, float], str]:
+    """``name``'s ``SHIPPED_PLAN`` values and the robustness entry of its fold models scored at them (``name``
+    itself when it has none)."""
+    changes = SHIPPED_PLAN.get(name, {})
+    if not changes:
+        return {}, name
+    if len(changes) != 1 or not set(changes) <= set(PLAN_OPTIONS):  # the robustness command scores one at a time
+        raise SystemExit(f"SHIPPED_PLAN[{name!r}]: give one of {', '.join(PLAN_OPTIONS)}, not {sorted(changes)}")
+    ((key, value),) = changes.items()
+    return changes, f"{name}@{PLAN_OPTIONS[key][1]}{value:g}"
+
+
+def shipped_table(name: str, data: Path, runs: Path, robustness_file: Path) -> tuple[dict, dict | None, str]:
+    """``name``'s ``SHIPPED_PLAN`` values, its fold models' robustness table at them and that table's entry name.
+    A missing entry is scored now (``training.robustness``, merged into ``robustness_file``); no table where the
+    robustness stage never ran (no ``robustness_file``)."""
+    changes, entry = shipped_entry(name)
+    if not robustness_file.exists():
+        return changes, None, entry
+    results = json.loads(robustness_file.read_text())["results"]
+    if entry not in results and changes:
+        ((key, value),) = changes.items()
+        cmd = [sys.executable, "-m", "training.robustness", "--runs", str(runs), "--data", str(data)]
+        cmd += ["-o", str(robustness_file), "--merge", PLAN_OPTIONS[key][0], f"{value:g}"]
+        ensemble = name.startswith("ensemble:")
+        cmd += ["--ensemble", name.removeprefix("ensemble:")] if ensemble else ["--experiments", name]
+        print("running:", " ".join(portable(cmd[1:])), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        results = json.loads(robustness_file.read_text())["results"]
+    return changes, results.get(entry), entry
+
+
+def after_training(provenance: dict, changes: dict[str, float], entry: str) -> dict:
+    """``provenance`` with the ``SHIPPED_PLAN`` values given after training recorded, and in its config's plan."""
+    if not changes:
+        return provenance
+    config = provenance.get("config", {})
+    if isinstance(config.get("plan"), dict):
+        provenance = {**provenance, "config": {**config, "plan": {**config["plan"], **changes}}}
+    return {
+        **provenance,
+        "plan_after_training": {
+            "values": changes,
+            "robustness_entry": entry,
+            "set_by": "training.experiments.SHIPPED_PLAN (values that need no retraining)",
+        },
+    }
+
+
 def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, command: str = "--stage final") -> Path:
     """Retrain the best liver experiment on every patient and install it as the bundled model.
 
@@ -495,6 +557,13 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
     # the accurate ensemble's member of this recipe trained on these patients is what training would give again
     # (same recipe, patients and seed): run it alone rather than bundle a second copy (whatever its size)
     shared = bundled_member(best, patients)
+    changes, table, entry = shipped_table(best, data, runs, robustness_file)
+    ensemble_changes = SHIPPED_PLAN.get("ensemble:" + "+".join(ACCURATE), {})
+    if shared is not None and changes != ensemble_changes:
+        raise SystemExit(
+            f"SHIPPED_PLAN gives {best} {changes or 'no values'} and the accurate ensemble {ensemble_changes or 'none'}"
+            f", but {best} ships as a member of {ACCURATE_MODEL.name}, whose plan it shares: give both the same values"
+        )
     if shared is None:
         model = load_model(train_final(best, data, runs, extra))
         trained = model.card["provenance"]
@@ -539,17 +608,17 @@ def final(data: Path, runs: Path, extra: list[str], robustness_file: Path, comma
             )
         ),
         "leave_one_out_metrics": loo_metrics,
-        **({"robustness_dice": robustness[best]} if robustness and best in robustness else {}),
+        **({"robustness_dice": table} if table else {}),
         "command": f"python -m training.experiments {command}".rstrip(),
     }
+    provenance = after_training(provenance, changes, entry)
     model_id = f"liver-unet2d-{best}-all"
     if shared is None:
         network, structures = model.network, model.structures
         if len(structures) > 1:  # a multi-structure recipe won on the liver: ship its liver channel, as fast
             network, structures = keep_structures(model, [structures[0].name])
-        card = save_model(
-            network, model.plan, DEFAULT_MODEL, model_id=model_id, structures=structures, provenance=provenance
-        )
+        plan = dataclasses.replace(model.plan, **changes)
+        card = save_model(network, plan, DEFAULT_MODEL, model_id=model_id, structures=structures, provenance=provenance)
     else:
         provenance["weights"] = f"member {shared} of {ACCURATE_MODEL.name} (the same {best} network, not a copy)"
         card = save_member_card(ACCURATE_MODEL, shared, DEFAULT_MODEL, model_id=model_id, provenance=provenance)
@@ -609,8 +678,7 @@ def final_accurate(
 
     models = [load_model(train_final(m, data, runs, extra)) for m in ACCURATE]
     network, structures, plan = ensemble_of(models, [models[0].structures[0].name])
-    robustness = json.loads(robustness_file.read_text())["results"] if robustness_file.exists() else {}
-    table = robustness.get("ensemble:" + "+".join(ACCURATE))
+    changes, table, entry = shipped_table("ensemble:" + "+".join(ACCURATE), data, runs, robustness_file)
     provenance = {
         **ensemble_provenance(models),
         "chosen_as": f"the mean of the liver logits of {', '.join(ACCURATE)}, each trained on every patient",
@@ -618,9 +686,10 @@ def final_accurate(
         **({"robustness_dice": table} if table else {}),
         "command": f"python -m training.experiments {command}".rstrip(),
     }
+    provenance = after_training(provenance, changes, entry)
     card = save_model(
         network,
-        plan,
+        dataclasses.replace(plan, **changes),
         ACCURATE_MODEL,
         model_id="liver-unet2d-ensemble-" + "+".join(ACCURATE) + "-all",
         structures=structures,
