@@ -817,6 +817,19 @@ def finished_default_runs(tmp_path, monkeypatch) -> tuple[list[str], dict]:
     return ["--stage", "final_default", "--data", str(data), "--runs", str(runs), "--results", str(results)], table
 
 
+def accurate_with_liver_deep(path):
+    """An accurate ensemble card at ``path`` whose second member is ``liver_deep`` trained on both patients of
+    :func:`finished_default_runs` (the default's recipe bundled there: shared, not trained again)."""
+    from LiverSegUNetLib.model import Ensemble
+
+    members = [train.UNet2D(3, 1, base=4, depth=2).eval(), train.UNet2D(3, 1, base=4, depth=3).eval()]
+    trained = [
+        {"config": {"name": n}, "train_patients": ["3Dircadb1.1", "3Dircadb1.7"], "test_patients": []}
+        for n in ("liver_robust", "liver_deep")
+    ]
+    save_model(Ensemble(members), Plan(multiple=8), path, model_id="e", provenance={"ensemble_of": trained})
+
+
 def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_else(tmp_path, monkeypatch):
     """``--stage final_default`` retrains (here: finds finished) the recipe the rule picks over all its runs
     and installs it as the default model, its card holding that run's tables and the command; the structures
@@ -841,18 +854,9 @@ def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_el
 
     # the chosen recipe bundled in the accurate model (the same recipe trained on every patient): a card that runs
     # that member, nothing trained, and the previous default's own weights file gone
-    from LiverSegUNetLib.model import Ensemble
-
     shutil.rmtree(tmp_path / "runs" / "final")
     assert weights.DEFAULT_MODEL.with_suffix(".safetensors").is_file()
-    members = [train.UNet2D(3, 1, base=4, depth=2).eval(), train.UNet2D(3, 1, base=4, depth=3).eval()]
-    trained = [
-        {"config": {"name": n}, "train_patients": ["3Dircadb1.1", "3Dircadb1.7"], "test_patients": []}
-        for n in ("liver_robust", "liver_deep")
-    ]
-    save_model(
-        Ensemble(members), Plan(multiple=8), weights.ACCURATE_MODEL, model_id="e", provenance={"ensemble_of": trained}
-    )
+    accurate_with_liver_deep(weights.ACCURATE_MODEL)
     assert experiments.bundled_member("liver_deep", ["3Dircadb1.7", "3Dircadb1.1"]) == 1
     assert experiments.bundled_member("liver_deep", ["3Dircadb1.1"]) is None  # trained on other patients: not it
     assert experiments.main(argv) == 0
@@ -870,7 +874,6 @@ def test_final_default_gives_the_card_its_shipped_plan_with_the_table_scored_at_
     holding its fold models' table scored at them, and the step recorded; a table not scored yet is scored by
     the robustness command first. A network shared with the accurate ensemble must get the ensemble's values."""
     from LiverSegUNetLib import weights
-    from LiverSegUNetLib.model import Ensemble
 
     from training import experiments
 
@@ -908,14 +911,7 @@ def test_final_default_gives_the_card_its_shipped_plan_with_the_table_scored_at_
 
     # the same network bundled in the accurate ensemble, which runs without the floor: refused, nothing written
     shutil.rmtree(tmp_path / "runs" / "final")
-    members = [train.UNet2D(3, 1, base=4, depth=2).eval(), train.UNet2D(3, 1, base=4, depth=3).eval()]
-    trained = [
-        {"config": {"name": n}, "train_patients": ["3Dircadb1.1", "3Dircadb1.7"], "test_patients": []}
-        for n in ("liver_robust", "liver_deep")
-    ]
-    save_model(
-        Ensemble(members), Plan(multiple=8), weights.ACCURATE_MODEL, model_id="e", provenance={"ensemble_of": trained}
-    )
+    accurate_with_liver_deep(weights.ACCURATE_MODEL)
     before = weights.DEFAULT_MODEL.read_bytes()
     with pytest.raises(SystemExit, match="whose plan it shares"):
         experiments.main(argv)
