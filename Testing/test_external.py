@@ -76,3 +76,5 @@ def test_other_directions_are_scored_under_their_own_name(tmp_path):
         external.parse_views("coronal,oblique")
     with pytest.raises(ValueError, match="liver floors in HU"):
         external.parse_floors("90,-5")
+    with pytest.raises(ValueError, match="slice distances in mm"):
+        external.parse_slices("1.6,x")

@@ -8,7 +8,16 @@ from LiverSegUNetLib import metrics, slicing
 from LiverSegUNetLib.errors import Cancelled, InputError
 from LiverSegUNetLib.inference import opening_voxels, segment
 from LiverSegUNetLib.postprocess import cut_thin_bridges, fill_holes_per_slice, largest_component
-from LiverSegUNetLib.preprocess import FULL_UNTIL_HU, RAMP_BELOW_LIVER_HU, UNTIL_HU, Plan, raise_soft_tissue
+from LiverSegUNetLib.preprocess import (
+    FULL_UNTIL_HU,
+    MAX_SLICE_STEPS,
+    RAMP_BELOW_LIVER_HU,
+    UNTIL_HU,
+    Plan,
+    between_slices,
+    raise_soft_tissue,
+    slice_steps,
+)
 from LiverSegUNetLib.runtime import runtime_network
 from LiverSegUNetLib.slicing import body_box, liver_range
 from LiverSegUNetLib.volume import Volume
@@ -346,3 +355,52 @@ def test_old_cards_have_no_liver_floor_and_a_floor_is_checked():
     for bad in (-10, FULL_UNTIL_HU, 300):  # a liver at the floor must still lie below the fully raised range
         with pytest.raises(ValueError, match="liver_floor_hu"):
             Plan.from_dict({"liver_floor_hu": bad})
+
+
+def test_slices_are_interpolated_between_a_ct_s_own():
+    """``between_slices`` keeps each slice at ``k * steps`` and puts linear blends between (integers rounded, the
+    dtype kept); ``slice_steps`` picks the whole number of steps nearest the plan's distance, capped; the plan
+    refuses a distance no CT has."""
+    a = np.array([[[0]], [[90]], [[-30]]], dtype=np.int16)
+    out = between_slices(a, 3)
+    assert out.dtype == np.int16 and out[:, 0, 0].tolist() == [0, 30, 60, 90, 50, 10, -30]
+    np.testing.assert_array_equal(out[::3], a)
+    assert between_slices(a, 1) is a and between_slices(a[:1], 4).shape == (1, 1, 1)
+    np.testing.assert_allclose(between_slices(np.float32([[[0]], [[1]]]), 4)[:, 0, 0], [0, 0.25, 0.5, 0.75, 1])
+    assert [slice_steps(mm, 1.6) for mm in (0.8, 1.6, 2.5, 3.0, 5.0, 8.0)] == [1, 1, 2, 2, 3, 5]
+    assert slice_steps(5.0, 0.0) == 1 and slice_steps(50.0, 1.6) == MAX_SLICE_STEPS
+    assert Plan.from_dict({}).slice_mm == 0.0  # cards from before read the CT's own slices, as they were scored
+    for bad in (-1.0, 0.2):
+        with pytest.raises(ValueError, match="slice_mm"):
+            Plan.from_dict({"slice_mm": bad})
+
+
+def test_thick_slices_are_read_between_and_the_result_kept_on_their_own(patient, bundled_model):
+    """A CT of 5 mm slices (patient 17 averaged into 5 mm slabs, its liver the only bright tissue) under a plan
+    reading slices 1.6 mm apart: the network reads three slices per slice of the CT, and the mask on the CT's own
+    slices is exactly what it finds there when it reads only those (a network that reads its centre channel back)."""
+    import dataclasses
+
+    from training.appearance import thick_slices
+
+    p = patient(TEST_PATIENT)
+    liver = thick_slices(p.ct.with_array((p.mask("liver").array > 0).astype(np.uint8)), 5.0, is_mask=True)
+    hu = np.where(thick_slices(p.ct, 5.0).array > -300, 0, -1000).astype(np.int16)
+    hu[liver.array > 0] = 120
+    ct = liver.with_array(hu)
+    n = ct.shape[0]
+    masks, read = {}, {}
+    for slice_mm in (0.0, 1.6):
+        model = dataclasses.replace(bundled_model, plan=dataclasses.replace(bundled_model.plan, slice_mm=slice_mm))
+        sizes = []
+
+        def counting(network, device, sizes=sizes):
+            inner = _reads_its_input(network, device, level=0.45)
+            return inner._replace(run=lambda x: sizes.append(x.shape[0]) or inner.run(x))
+
+        seg = segment(ct, model, device="cpu", runtime=counting, postprocess=False, checked=True)
+        masks[slice_mm], read[slice_mm] = seg.mask.array, sum(sizes)
+        assert seg.mask.shape == ct.shape and seg.mask.spacing_mm == ct.spacing_mm
+    assert read == {0.0: n, 1.6: (n - 1) * 3 + 1}
+    assert metrics.dice(masks[0.0], liver.array) > 0.95
+    np.testing.assert_array_equal(masks[1.6], masks[0.0])

@@ -677,7 +677,7 @@ def test_robustness_scores_fold_ensembles(ircadb_root, tmp_path):
 def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
     """``--thresholds`` scores the model once per threshold (``id@t``); a wider threshold gives another mask,
     and a threshold outside 0..1 is refused before anything runs; ``--openings`` likewise per cut radius,
-    ``--views`` per set of directions and ``--floors`` per liver floor."""
+    ``--views`` per set of directions, ``--floors`` per liver floor and ``--slices`` per slice distance."""
     out = tmp_path / "robustness.json"
     common = ["--model", str(DEFAULT_MODEL), "--patients", "3Dircadb1.17", "--conditions", "native"]
     common += ["--data", str(ircadb_root.parent)]
@@ -716,6 +716,14 @@ def test_robustness_scores_other_thresholds(ircadb_root, tmp_path):
     assert off == below == card and above != card
     proc = _robustness(*common, "--floors", "90,150", timeout=60)
     assert proc.returncode != 0 and "liver floors in HU" in proc.stderr
+    # and per slice distance, with each floor: patient 17's own 1.6 mm slices are read as they are at 1.6 mm
+    proc = _robustness(*common, "--floors", "0", "--slices", "0,1.6", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {f"{model_id}@floor=0@slices={s}" for s in ("0", "1.6")}
+    assert {r["native"]["3Dircadb1.17"] for r in results.values()} == {card}
+    proc = _robustness(*common, "--slices", "1.6,0.1", timeout=60)
+    assert proc.returncode != 0 and "slice distances in mm" in proc.stderr
 
 
 def test_slab_errors_count_what_was_missed_and_added_where():

@@ -870,26 +870,28 @@ def test_final_default_installs_the_chosen_recipe_with_its_tables_and_nothing_el
 
 
 def test_final_default_gives_the_card_its_shipped_plan_with_the_table_scored_at_it(tmp_path, monkeypatch):
-    """A recipe with ``SHIPPED_PLAN`` values (a liver floor) is installed with them in its card's plan, its card
-    holding its fold models' table scored at them, and the step recorded; a table not scored yet is scored by
-    the robustness command first. A network shared with the accurate ensemble must get the ensemble's values."""
+    """A recipe with ``SHIPPED_PLAN`` values (a liver floor, a slice distance) is installed with them in its card's
+    plan, its card holding its fold models' table scored at them, and the step recorded; a table not scored yet is
+    scored by the robustness command first. A network shared with the accurate ensemble must get its values."""
     from LiverSegUNetLib import weights
 
     from training import experiments
 
-    monkeypatch.setattr(experiments, "SHIPPED_PLAN", {"liver_deep": {"liver_floor_hu": 60.0}})
+    shipped = {"liver_floor_hu": 60.0, "slice_mm": 1.6}
+    monkeypatch.setattr(experiments, "SHIPPED_PLAN", {"liver_deep": shipped})
     argv, table = finished_default_runs(tmp_path, monkeypatch)
     robustness = tmp_path / "results" / "robustness.json"
     raised = {"native": table["liver_deep"]["native"], "unenhanced": {"3Dircadb1.1": 0.93, "3Dircadb1.7": 0.89}}
-    robustness.write_text(json.dumps({"results": {**table, "liver_deep@floor=60": raised}}))
+    robustness.write_text(json.dumps({"results": {**table, "liver_deep@floor=60@slices=1.6": raised}}))
     assert experiments.main(argv) == 0
     model = load_model(weights.DEFAULT_MODEL)
     provenance = model.card["provenance"]
     assert model.plan.liver_floor_hu == 60 and model.card["preprocessing"]["liver_floor_hu"] == 60
+    assert model.plan.slice_mm == 1.6
     assert provenance["robustness_dice"] == raised  # the table of what the card runs, not the plain one
-    assert provenance["plan_after_training"]["values"] == {"liver_floor_hu": 60.0}
-    assert provenance["plan_after_training"]["robustness_entry"] == "liver_deep@floor=60"
-    assert provenance["config"]["plan"] == {"threshold": 0.5, "liver_floor_hu": 60.0}
+    assert provenance["plan_after_training"]["values"] == shipped
+    assert provenance["plan_after_training"]["robustness_entry"] == "liver_deep@floor=60@slices=1.6"
+    assert provenance["config"]["plan"] == {"threshold": 0.5, **shipped}
     assert provenance["leave_one_out_metrics"] == {"3Dircadb1.1": {"dice": 0.95}, "3Dircadb1.7": {"dice": 0.91}}
 
     # the entry not scored yet: the robustness command scores that recipe at that floor into the same file first
@@ -898,7 +900,7 @@ def test_final_default_gives_the_card_its_shipped_plan_with_the_table_scored_at_
 
     def robustness_command(cmd, **kwargs):
         commands.append(cmd)
-        merged = {**json.loads(robustness.read_text())["results"], "liver_deep@floor=60": raised}
+        merged = {**json.loads(robustness.read_text())["results"], "liver_deep@floor=60@slices=1.6": raised}
         robustness.write_text(json.dumps({"results": merged}))
 
     monkeypatch.setattr(experiments.subprocess, "run", robustness_command)
@@ -906,10 +908,11 @@ def test_final_default_gives_the_card_its_shipped_plan_with_the_table_scored_at_
     assert experiments.main(argv) == 0
     (cmd,) = commands
     assert cmd[1:3] == ["-m", "training.robustness"] and cmd[cmd.index("-o") + 1] == str(robustness)
-    assert {"--merge", "--floors", "60", "--experiments", "liver_deep"} <= set(cmd) and "--ensemble" not in cmd
+    assert cmd[cmd.index("--floors") + 1] == "60" and cmd[cmd.index("--slices") + 1] == "1.6"
+    assert {"--merge", "--experiments", "liver_deep"} <= set(cmd) and "--ensemble" not in cmd
     assert load_model(weights.DEFAULT_MODEL).card["provenance"]["robustness_dice"] == raised
 
-    # the same network bundled in the accurate ensemble, which runs without the floor: refused, nothing written
+    # the same network bundled in the accurate ensemble, which runs without them: refused, nothing written
     shutil.rmtree(tmp_path / "runs" / "final")
     accurate_with_liver_deep(weights.ACCURATE_MODEL)
     before = weights.DEFAULT_MODEL.read_bytes()
@@ -919,7 +922,7 @@ def test_final_default_gives_the_card_its_shipped_plan_with_the_table_scored_at_
 
 
 def test_shipped_plan_values_are_in_the_bundled_cards():
-    """``SHIPPED_PLAN`` holds only values that need no retraining, one per recipe, and each bundled liver card runs
+    """``SHIPPED_PLAN`` holds only values that need no retraining, and each bundled liver card runs
     with its recipe's values (and the defaults where it has none): the constant is what the final stage gives, the
     cards what ships, and the two must not drift apart."""
     from LiverSegUNetLib.weights import ACCURATE_MODEL, DEFAULT_MODEL
@@ -929,7 +932,7 @@ def test_shipped_plan_values_are_in_the_bundled_cards():
 
     assert set(experiments.PLAN_OPTIONS) == set(NO_RETRAINING)
     for name, values in experiments.SHIPPED_PLAN.items():
-        assert len(values) == 1 and set(values) <= set(NO_RETRAINING), name
+        assert values and set(values) <= set(NO_RETRAINING), name
     for card_path, recipe in [
         (DEFAULT_MODEL, experiments.shipped_recipe()),
         (ACCURATE_MODEL, "ensemble:" + "+".join(experiments.ACCURATE)),

@@ -134,10 +134,12 @@ ACCURATE = ["liver_general", "liver_general_fine"]
 #: ships. They live here, not in the recipe's config: the configs that extend it were trained and scored without.
 SHIPPED_PLAN: dict[str, dict[str, float]] = {"liver_general_avg": {"liver_floor_hu": 60.0}}
 #: The robustness command's option and entry tag for each such plan value (``model@floor=60``).
+#: In the order the command applies them (and names its entries: ``model@floor=60@slices=1.6``).
 PLAN_OPTIONS = {
-    "liver_floor_hu": ("--floors", "floor="),
-    "opening_mm": ("--openings", "open"),
     "threshold": ("--thresholds", ""),
+    "opening_mm": ("--openings", "open"),
+    "liver_floor_hu": ("--floors", "floor="),
+    "slice_mm": ("--slices", "slices="),
 }
 
 
@@ -491,12 +493,10 @@ def shipped_entry(name: str) -> tuple[dict[str, float], str]:
     """``name``'s ``SHIPPED_PLAN`` values and the robustness entry of its fold models scored at them (``name``
     itself when it has none)."""
     changes = SHIPPED_PLAN.get(name, {})
-    if not changes:
-        return {}, name
-    if len(changes) != 1 or not set(changes) <= set(PLAN_OPTIONS):  # the robustness command scores one at a time
-        raise SystemExit(f"SHIPPED_PLAN[{name!r}]: give one of {', '.join(PLAN_OPTIONS)}, not {sorted(changes)}")
-    ((key, value),) = changes.items()
-    return changes, f"{name}@{PLAN_OPTIONS[key][1]}{value:g}"
+    if not set(changes) <= set(PLAN_OPTIONS):
+        raise SystemExit(f"SHIPPED_PLAN[{name!r}]: give values of {', '.join(PLAN_OPTIONS)}, not {sorted(changes)}")
+    tags = [f"@{tag}{changes[key]:g}" for key, (_, tag) in PLAN_OPTIONS.items() if key in changes]
+    return changes, name + "".join(tags)
 
 
 def shipped_table(name: str, data: Path, runs: Path, robustness_file: Path) -> tuple[dict, dict | None, str]:
@@ -508,9 +508,9 @@ def shipped_table(name: str, data: Path, runs: Path, robustness_file: Path) -> t
         return changes, None, entry
     results = json.loads(robustness_file.read_text())["results"]
     if entry not in results and changes:
-        ((key, value),) = changes.items()
         cmd = [sys.executable, "-m", "training.robustness", "--runs", str(runs), "--data", str(data)]
-        cmd += ["-o", str(robustness_file), "--merge", PLAN_OPTIONS[key][0], f"{value:g}"]
+        cmd += ["-o", str(robustness_file), "--merge"]
+        cmd += [x for key, value in changes.items() for x in (PLAN_OPTIONS[key][0], f"{value:g}")]
         ensemble = name.startswith("ensemble:")
         cmd += ["--ensemble", name.removeprefix("ensemble:")] if ensemble else ["--experiments", name]
         print("running:", " ".join(portable(cmd[1:])), flush=True)

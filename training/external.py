@@ -36,7 +36,7 @@ from LiverSegUNetLib.outputs import atomic_write_bytes
 from LiverSegUNetLib.sample import sample_ct_path
 from LiverSegUNetLib.weights import load_model
 
-from training.robustness import at_plan_values, loo_models, parse_floors, parse_views
+from training.robustness import at_plan_values, loo_models, parse_floors, parse_slices, parse_views
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "totalseg_example_ct_liver.nii.gz"
 
@@ -100,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated liver floors in HU to score instead of the card's (as training.robustness --floors)",
     )
+    parser.add_argument(
+        "--slices",
+        default="",
+        help="comma-separated slice distances in mm to score instead of the card's (as training.robustness --slices)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here (merged into what is there)")
     args = parser.parse_args(argv)
     try:
-        views, floors = parse_views(args.views), parse_floors(args.floors)
+        views, floors, slices = parse_views(args.views), parse_floors(args.floors), parse_slices(args.slices)
     except ValueError as exc:
         parser.error(str(exc))
     if args.model:
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         models = at_plan_values(models, "views", views, "views=")
     if floors:
         models = at_plan_values(models, "liver_floor_hu", floors, "floor=")
+    if slices:
+        models = at_plan_values(models, "slice_mm", slices, "slices=")
     if bool(args.ct) != bool(args.reference):
         parser.error("--ct and --reference go together")
     case = sample_with_reference(args.ct, args.reference, args.label) if args.ct else None

@@ -1,7 +1,7 @@
 """Re-score finished runs after a change to what inference does around the trained network (the plan's
-``threshold``, ``opening_mm`` or ``liver_floor_hu``): the weights stay as trained, the card gets the new plan
-(weights re-saved with it, so card and weights still match) and its held-out metrics are measured again through
-the product's own ``segment()``. Run from the repository root with the project installed:
+``threshold``, ``opening_mm``, ``liver_floor_hu`` or ``slice_mm``): the weights stay as trained, the card gets the
+new plan (weights re-saved with it, so card and weights still match) and its held-out metrics are measured again
+through the product's own ``segment()``. Run from the repository root with the project installed:
 
     python -m training.rescore --runs training/runs/loo --experiments liver_robust --set opening_mm=7.5
     python -m training.rescore --cards training/runs/final/liver_robust/model.json --set opening_mm=7.5
@@ -26,9 +26,9 @@ from pathlib import Path
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
 from LiverSegUNetLib.weights import card_structures, load_model, save_model
 
-#: Plan values inference applies around the trained network (after it, or to a second pass's input): changing
-#: them needs no retraining.
-NO_RETRAINING = ("threshold", "opening_mm", "liver_floor_hu")
+#: Plan values inference applies around the trained network (after it, to a second pass's input, or in how many
+#: slices it reads): changing them needs no retraining.
+NO_RETRAINING = ("threshold", "opening_mm", "liver_floor_hu", "slice_mm")
 
 
 def parse_sets(sets: list[str]) -> dict[str, float]:

@@ -12,6 +12,7 @@ expert mask carried to that grid. Run from the repository root with the project 
     python -m training.robustness --runs training/runs/loo --experiments liver_robust --openings 0,6,7.5
     python -m training.robustness --runs training/runs/loo --experiments liver_general --explain   # where it errs
     python -m training.robustness --runs training/runs/loo --experiments liver_general_avg --floors 0,90
+    python -m training.robustness --runs training/runs/loo --experiments liver_general_avg --floors 60 --slices 0,1.6
 
 With ``--runs``, each fold's model is scored on the patient it did not see (its card's
 ``test_patients``); ``--ensemble A+B`` scores instead, per fold, the ensemble of those experiments'
@@ -20,8 +21,9 @@ fold models (the mean of their liver logits, as ``training.export`` builds an en
 table says so). ``--thresholds`` scores every model at each of those probability thresholds instead of
 its card's (named ``model@threshold``), ``--openings`` at each radius of the clean-up's thin-bridge cut
 (``model@open<mm>``), ``--views`` in each set of directions (``model@views=axial``), ``--floors`` at each liver
-floor (``model@floor=90``: a liver found darker than that is run again with the soft tissue raised). Writes the
-JSON and a markdown table beside it.
+floor (``model@floor=90``: a liver found darker than that is run again with the soft tissue raised), ``--slices``
+at each slice distance (``model@slices=1.6``: thicker slices are run on slices interpolated between them; with
+``--floors``, ``model@floor=60@slices=1.6``). Writes the JSON and a markdown table beside it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numpy as np
 from LiverSegUNetLib.inference import segment
 from LiverSegUNetLib.io.ircadb import IrcadbPatient, default_data_root
 from LiverSegUNetLib.metrics import dice
-from LiverSegUNetLib.preprocess import FULL_UNTIL_HU, VIEWS
+from LiverSegUNetLib.preprocess import FULL_UNTIL_HU, MIN_SLICE_MM, VIEWS
 from LiverSegUNetLib.volume import Volume
 from LiverSegUNetLib.weights import load_model
 
@@ -388,23 +390,35 @@ def parse_views(text: str) -> list[tuple[str, ...]]:
     return views
 
 
+def parse_numbers(text: str, option: str, valid: Callable[[float], bool], hint: str) -> list[float]:
+    """Comma-separated numbers for ``option``, each ``valid``; a ValueError says what is wrong (``hint``)."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = None
+    if values is None or not all(valid(v) for v in values):
+        raise ValueError(f"{option} {text!r}: {hint}")
+    return values
+
+
 def parse_floors(text: str) -> list[float]:
     """``--floors``: comma-separated liver floors in HU (0: off), each the plan's ``liver_floor_hu``; a ValueError
     says what is wrong."""
-    try:
-        floors = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        floors = [-1.0]
-    if any(not 0 <= f < FULL_UNTIL_HU for f in floors):
-        raise ValueError(
-            f"--floors {text!r}: give liver floors in HU from 0 (off) to below {FULL_UNTIL_HU:g}, e.g. 0,60"
-        )
-    return floors
+    hint = f"give liver floors in HU from 0 (off) to below {FULL_UNTIL_HU:g}, e.g. 0,60"
+    return parse_numbers(text, "--floors", lambda f: 0 <= f < FULL_UNTIL_HU, hint)
+
+
+def parse_slices(text: str) -> list[float]:
+    """``--slices``: comma-separated slice distances in mm (0: off), each the plan's ``slice_mm``; a ValueError
+    says what is wrong."""
+    hint = f"give slice distances in mm, 0 (off) or from {MIN_SLICE_MM:g}, e.g. 0,1.6"
+    return parse_numbers(text, "--slices", lambda v: v == 0 or v >= MIN_SLICE_MM, hint)
 
 
 def at_plan_values(models: dict[str, list[tuple[object, str]]], key: str, values: list, tag: str = "") -> dict:
     """Each model once per value of the plan's ``key`` (``threshold``, ``opening_mm``: applied after the network;
-    ``views``: the directions it runs in; ``liver_floor_hu``: when it runs again, the soft tissue raised), named
+    ``views``: the directions it runs in; ``liver_floor_hu``: when it runs again, the soft tissue raised;
+    ``slice_mm``: how far apart the slices it reads may lie), named
     ``name@<tag><value>`` (a tuple of views joined by ``+``): the card's plan with that value."""
 
     def shown(v) -> str:
@@ -475,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated liver floors in HU to score instead of the card's (0: off; a darker liver found is run "
         "again with the soft tissue raised to it), named model@floor=90, ...",
     )
+    parser.add_argument(
+        "--slices",
+        default="",
+        help="comma-separated slice distances in mm to score instead of the card's (0: the CT's own; thicker slices "
+        "are run on slices interpolated between them), named model@slices=1.6, ...; with --floors, each at each",
+    )
     parser.add_argument("-o", "--output", type=Path, help="write the results as JSON here and a .md table beside it")
     parser.add_argument(
         "--merge",
@@ -509,8 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         floors = parse_floors(args.floors)
     except ValueError as exc:
         parser.error(str(exc))
-    if floors and (thresholds or openings or views):
-        parser.error("--floors is not combined with --thresholds, --openings or --views")
+    try:
+        slices = parse_slices(args.slices)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if (floors or slices) and (thresholds or openings or views):
+        parser.error("--floors and --slices are not combined with --thresholds, --openings or --views")
     if args.output and not args.output.parent.is_dir():  # found now, not after the scoring
         parser.error(f"-o {args.output}: the folder {args.output.parent} does not exist; create it or write elsewhere")
     data = args.data or default_data_root()
@@ -533,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         models = at_plan_values(models, "views", views, "views=")
     if floors:
         models = at_plan_values(models, "liver_floor_hu", floors, "floor=")
+    if slices:
+        models = at_plan_values(models, "slice_mm", slices, "slices=")
     t = time.perf_counter()
     results = score(models, data, conditions, args.device, TTA[args.tta] if args.tta else None, args.explain)
     command = "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -25,9 +25,11 @@ from .preprocess import (
     Reorientation,
     SliceGrid,
     along_slices,
+    between_slices,
     from_model_grid,
     normalize,
     raise_soft_tissue,
+    slice_steps,
     slices_at,
     to_model_grid,
     with_context,
@@ -421,7 +423,9 @@ def predict_canonical(
     (:meth:`ModelGridPrediction.fuse_views`) and averages the directions' probabilities before postprocessing.
     A plan with a ``liver_floor_hu`` runs the network a second time, the soft tissue raised, when the liver first
     found is darker than that (:func:`floor_shift_hu`); the second pass is the result, and ``notes["raised_hu"]``
-    says by how much (0 without a second pass).
+    says by how much (0 without a second pass). A plan with a ``slice_mm`` runs a CT whose slices lie farther apart
+    on slices interpolated between them (:func:`between_slices`) and cleans up there, then keeps the CT's own
+    slices; ``notes["slice_steps"]`` says how many slices each became (1: none added).
     """
     import torch
 
@@ -429,10 +433,13 @@ def predict_canonical(
     notes = {} if notes is None else notes
     t = time.perf_counter()
     crop = slicing.body_box(hu, spacing_mm[:2])
-    hu_crop = hu[:, crop[0], crop[1]]
+    steps = slice_steps(spacing_mm[2], model.plan.slice_mm)
+    notes["slice_steps"] = steps
+    hu_crop = between_slices(hu[:, crop[0], crop[1]], steps)
+    spacing_k = spacing_mm[2] / steps  # the slices the network reads and the clean-up works on
     grid = SliceGrid.for_slices(hu_crop.shape[1:], spacing_mm[:2], model.plan)
     structures = model.structures
-    args = (hu_crop, grid, model, network, device, spacing_mm[2])
+    args = (hu_crop, grid, model, network, device, spacing_k)
     run = {"postprocess": postprocess, "batch_size": batch_size, "progress": progress, "cancel": cancel}
     with torch.inference_mode():
         prediction, ran = network_pass(*args, **run)
@@ -445,9 +452,10 @@ def predict_canonical(
             prediction, again = network_pass(*args, raise_hu=raise_hu, **run)
             ran += again
     log.info(
-        "network ran on %d of %d axial slices, %dx%d of %dx%d pixels each; views %s",
+        "network ran on %d of %d axial slices (%d per slice of the CT), %dx%d of %dx%d pixels each; views %s",
         ran,
-        hu.shape[0],
+        hu_crop.shape[0],
+        steps,
         *hu_crop.shape[1:],
         *hu.shape[1:],
         "+".join(model.plan.views),
@@ -458,11 +466,13 @@ def predict_canonical(
         if progress is not None:
             progress("postprocess", 0.0)
         t = time.perf_counter()
-        clean_structures(prediction.probability, structures, prediction.level, model.plan, spacing_mm[2])
+        clean_structures(prediction.probability, structures, prediction.level, model.plan, spacing_k)
         seconds["postprocess"] = time.perf_counter() - t
         if progress is not None:
             progress("postprocess", 1.0)
     t = time.perf_counter()
+    if steps > 1:  # back to the CT's own slices: those the interpolated ones were made between
+        prediction.probability = np.ascontiguousarray(prediction.probability[:, ::steps])
     masks = to_input_grid(prediction, crop, hu.shape)
     keep_all = [i for i, s in enumerate(structures) if s.postprocess == "all"]
     if postprocess and keep_all:  # structures of many pieces: every piece inside the body, none in the air
