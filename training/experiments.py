@@ -129,10 +129,11 @@ LIVER = [e for e in EXPERIMENTS if e.startswith("liver") and e not in REPLICATES
 ACCURATE = ["liver_general", "liver_general_fine"]
 #: Plan values a shipped model takes after its training, per recipe (``ensemble:A+B`` for the accurate ensemble):
 #: values inference applies around the trained network (``training.rescore.NO_RETRAINING``), chosen on its fold
-#: models scored at them (``training.robustness --floors``; RESULTS.md, "Contrast raised at test time"). The final
-#: stage gives them to the card it installs, with the robustness table scored at them, so it installs again what
-#: ships. They live here, not in the recipe's config: the configs that extend it were trained and scored without.
-SHIPPED_PLAN: dict[str, dict[str, float]] = {"liver_general_avg": {"liver_floor_hu": 60.0}}
+#: models scored at them (``training.robustness --floors --slices``; RESULTS.md, "Contrast raised at test time"
+#: and "Thick slices read between"). The final stage gives them to the card it installs, with the robustness
+#: table scored at them, so it installs again what ships. They live here, not in the recipe's config: the
+#: configs that extend it were trained and scored without them.
+SHIPPED_PLAN: dict[str, dict[str, float]] = {"liver_general_avg": {"liver_floor_hu": 60.0, "slice_mm": 1.6}}
 #: The robustness command's option and entry tag for each such plan value (``model@floor=60``).
 #: In the order the command applies them (and names its entries: ``model@floor=60@slices=1.6``).
 PLAN_OPTIONS = {
