@@ -133,7 +133,10 @@ ACCURATE = ["liver_general", "liver_general_fine"]
 #: and "Thick slices read between"). The final stage gives them to the card it installs, with the robustness
 #: table scored at them, so it installs again what ships. They live here, not in the recipe's config: the
 #: configs that extend it were trained and scored without them.
-SHIPPED_PLAN: dict[str, dict[str, float]] = {"liver_general_avg": {"liver_floor_hu": 60.0, "slice_mm": 1.6}}
+SHIPPED_PLAN: dict[str, dict[str, float]] = {
+    "liver_general_avg": {"liver_floor_hu": 60.0, "slice_mm": 1.6},
+    "ensemble:liver_general+liver_general_fine": {"liver_floor_hu": 60.0, "slice_mm": 1.6},
+}
 #: The robustness command's option and entry tag for each such plan value (``model@floor=60``).
 #: In the order the command applies them (and names its entries: ``model@floor=60@slices=1.6``).
 PLAN_OPTIONS = {
