@@ -898,16 +898,17 @@ def test_final_default_gives_the_card_its_shipped_plan_with_the_table_scored_at_
     robustness.write_text(json.dumps({"results": table}))
     commands = []
 
-    def robustness_command(cmd, **kwargs):
+    def robustness_run(cmd, **kwargs):
         commands.append(cmd)
         merged = {**json.loads(robustness.read_text())["results"], "liver_deep@floor=60@slices=1.6": raised}
         robustness.write_text(json.dumps({"results": merged}))
 
-    monkeypatch.setattr(experiments.subprocess, "run", robustness_command)
+    monkeypatch.setattr(experiments.subprocess, "run", robustness_run)
     weights.DEFAULT_MODEL.unlink()
     assert experiments.main(argv) == 0
     (cmd,) = commands
     assert cmd[1:3] == ["-m", "training.robustness"] and cmd[cmd.index("-o") + 1] == str(robustness)
+    assert cmd[cmd.index("--data") + 1] == str(tmp_path / "data")  # not the default data folder: given
     assert cmd[cmd.index("--floors") + 1] == "60" and cmd[cmd.index("--slices") + 1] == "1.6"
     assert {"--merge", "--experiments", "liver_deep"} <= set(cmd) and "--ensemble" not in cmd
     assert load_model(weights.DEFAULT_MODEL).card["provenance"]["robustness_dice"] == raised
@@ -1075,8 +1076,10 @@ def test_final_stage_installs_the_accurate_ensemble_with_its_fold_tables(tmp_pat
         save_model(nets[-1], Plan(multiple=4), final / "model", model_id=recipe, dtype="float32")
     name = "ensemble:" + "+".join(experiments.ACCURATE)
     table = {"native": {"3Dircadb1.1": 0.94, "3Dircadb1.7": 0.9}, "unenhanced": {"3Dircadb1.1": 0.88}}
+    plain = {"native": table["native"], "unenhanced": {"3Dircadb1.1": 0.87}}
+    changes, entry = experiments.shipped_entry(name)  # the table of the plan the card ships with
     robustness = tmp_path / "robustness.json"
-    robustness.write_text(json.dumps({"results": {name: table, "liver_elastic": {"native": {}}}}))
+    robustness.write_text(json.dumps({"results": {entry: table, name: plain, "liver_elastic": {"native": {}}}}))
     monkeypatch.setattr(weights, "ACCURATE_MODEL", tmp_path / "accurate.json")
     card = experiments.final_accurate(data, tmp_path / "runs" / "loo", [], robustness)
     assert card == tmp_path / "accurate.json"
@@ -1084,6 +1087,7 @@ def test_final_stage_installs_the_accurate_ensemble_with_its_fold_tables(tmp_pat
     assert isinstance(model.network, Ensemble) and len(model.network.members) == len(experiments.ACCURATE)
     provenance = model.card["provenance"]
     assert provenance["robustness_dice"] == table
+    assert all(getattr(model.plan, key) == value for key, value in changes.items())
     assert provenance["leave_one_out_metrics"] == {"3Dircadb1.1": {"dice": 0.94}, "3Dircadb1.7": {"dice": 0.9}}
     assert [m["model_id"] for m in provenance["ensemble_of"]] == experiments.ACCURATE
     x = torch.randn(2, 3, 16, 16)

@@ -484,13 +484,22 @@ def best_liver_experiment(runs: Path, robustness: dict | None = None, incumbent:
     return best, loo_scores(runs, [best])[best]
 
 
-def run_robustness(data: Path, runs: Path, out: Path) -> dict:
-    """Score every fold's liver model on the robustness conditions (training/robustness.py); returns the results."""
-    cmd = [sys.executable, "-m", "training.robustness", "--runs", str(runs), "--data", str(data), "-o", str(out)]
-    cmd += ["--ensemble", "+".join(ACCURATE)]
+def robustness_command(data: Path, runs: Path, out: Path, *options: str) -> dict:
+    """Run ``training.robustness`` on the fold runs into ``out`` with ``options``; returns its results. Paths in the
+    repository are given relative to it, and ``--data`` only when it is not the default: the command is recorded
+    in the results file, which is committed."""
+    cmd = [sys.executable, "-m", "training.robustness", "--runs", portable(str(runs)), "-o", portable(str(out))]
+    if Path(data).resolve() != default_data_root().resolve():
+        cmd += ["--data", str(data)]
+    cmd += options
     print("running:", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(out.read_text())["results"]
+
+
+def run_robustness(data: Path, runs: Path, out: Path) -> dict:
+    """Score every fold's liver model on the robustness conditions (training/robustness.py); returns the results."""
+    return robustness_command(data, runs, out, "--ensemble", "+".join(ACCURATE))
 
 
 def shipped_entry(name: str) -> tuple[dict[str, float], str]:
@@ -512,14 +521,10 @@ def shipped_table(name: str, data: Path, runs: Path, robustness_file: Path) -> t
         return changes, None, entry
     results = json.loads(robustness_file.read_text())["results"]
     if entry not in results and changes:
-        cmd = [sys.executable, "-m", "training.robustness", "--runs", str(runs), "--data", str(data)]
-        cmd += ["-o", str(robustness_file), "--merge"]
-        cmd += [x for key, value in changes.items() for x in (PLAN_OPTIONS[key][0], f"{value:g}")]
+        options = [x for key, value in changes.items() for x in (PLAN_OPTIONS[key][0], f"{value:g}")]
         ensemble = name.startswith("ensemble:")
-        cmd += ["--ensemble", name.removeprefix("ensemble:")] if ensemble else ["--experiments", name]
-        print("running:", " ".join(portable(cmd[1:])), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        results = json.loads(robustness_file.read_text())["results"]
+        options += ["--ensemble", name.removeprefix("ensemble:")] if ensemble else ["--experiments", name]
+        results = robustness_command(data, runs, robustness_file, "--merge", *options)
     return changes, results.get(entry), entry
 
 
