@@ -425,7 +425,7 @@ def predict_canonical(
     found is darker than that (:func:`floor_shift_hu`); the second pass is the result, and ``notes["raised_hu"]``
     says by how much (0 without a second pass). A plan with a ``slice_mm`` runs a CT whose slices lie farther apart
     on slices interpolated between them (:func:`between_slices`) and cleans up there, then keeps the CT's own
-    slices; ``notes["slice_steps"]`` says how many slices each became (1: none added).
+    slices.
     """
     import torch
 
@@ -434,7 +434,6 @@ def predict_canonical(
     t = time.perf_counter()
     crop = slicing.body_box(hu, spacing_mm[:2])
     steps = slice_steps(spacing_mm[2], model.plan.slice_mm)
-    notes["slice_steps"] = steps
     hu_crop = between_slices(hu[:, crop[0], crop[1]], steps)
     spacing_k = spacing_mm[2] / steps  # the slices the network reads and the clean-up works on
     grid = SliceGrid.for_slices(hu_crop.shape[1:], spacing_mm[:2], model.plan)
