@@ -1,5 +1,5 @@
-"""CT appearance changes, in Hounsfield units and millimetres: contrast removed, thick or thin slices, low-dose
-noise, another pixel size (interpolated, or coarse and area-averaged), a sharp reconstruction kernel.
+"""CT appearance changes, in Hounsfield units and millimetres: contrast removed or arterial, thick or thin slices,
+low-dose noise, another pixel size (interpolated, or coarse and area-averaged), a sharp reconstruction kernel.
 
 They build the robustness variants of a held-out patient (``robustness.py``) and, with random
 strengths, the training augmentations (``train.py``).
@@ -17,6 +17,9 @@ spleen or kidney without a mask) above ``SOFT_TISSUE_HU`` is pulled towards it b
 lung (below ``FAT_HU``, also inside a mask's border) are left alone. Shrinking values also shrinks
 their noise, so white noise is added back to keep the image's noise level (``NOISE_HU`` before the
 change).
+
+The arterial mapping (:func:`arterial`) moves the same way to the late arterial phase: the liver darker (75 HU)
+than the spleen (120) and the pancreas and bowel wall around it, bright arteries, unopacified hepatic veins.
 """
 
 from __future__ import annotations
@@ -55,12 +58,14 @@ NOISE_HU = 10.0
 LOW_DOSE_NOISE_HU = 25.0
 
 
-def structure_labels(shape, masks: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+def structure_labels(
+    shape, masks: dict[str, np.ndarray], structures: dict[str, tuple[str, ...]] = STRUCTURES
+) -> tuple[np.ndarray, list[str]]:
     """A label map (0: none, n: the n-th structure of the returned list) from whichever 3D-IRCADb masks exist,
-    and a bone mask under the special name ``"bone"`` (from its mask when present)."""
+    grouped as ``structures`` says (:data:`STRUCTURES`, or :data:`ARTERIAL_STRUCTURES`)."""
     labels = np.zeros(shape, np.uint8)
     names = []
-    for structure, mask_names in STRUCTURES.items():
+    for structure, mask_names in structures.items():
         present = [masks[n] for n in mask_names if n in masks]
         if present:
             names.append(structure)
@@ -75,14 +80,16 @@ def unenhanced_hu(
     bone: np.ndarray | None,
     rng: np.random.Generator,
     targets: dict[str, float] = UNENHANCED_HU,
-    contrast: float = STRUCTURE_CONTRAST,
+    contrast: float | dict[str, float] = STRUCTURE_CONTRAST,
     pull: float = UNLABELLED_PULL,
     noise_hu: float = NOISE_HU,
     medians: dict[str, float] | None = None,
 ) -> np.ndarray:
     """``hu`` (any shape) as it would look without intravenous contrast (float32 HU); see the module docstring.
     ``medians``: each structure's enhanced median (:func:`structure_medians`) when ``hu`` is part of a volume
-    (a few slices of it); by default they are measured on ``hu``."""
+    (a few slices of it); by default they are measured on ``hu``. Another phase is the same move with its own
+    ``targets``, per-structure ``contrast`` (a dict; 1 where a structure is not named) and ``pull``
+    (:func:`arterial_from_masks`)."""
     out = hu.astype(np.float32, copy=True)
     scale = np.ones(hu.shape, np.float32)
     keep = hu > BONE_HU if bone is None else bone > 0
@@ -92,8 +99,9 @@ def unenhanced_hu(
         inside = (labels == index) & (hu > FAT_HU) & ~keep  # fat, air or bone at a mask's border stay
         if name not in medians or not inside.any():
             continue
-        out[inside] = targets[name] + contrast * (out[inside] - medians[name])
-        scale[inside] = contrast
+        spread = contrast.get(name, 1.0) if isinstance(contrast, dict) else contrast
+        out[inside] = targets[name] + spread * (out[inside] - medians[name])
+        scale[inside] = spread
     other = (labels == 0) & ~keep & (hu > SOFT_TISSUE_HU)
     out[other] = SOFT_TISSUE_HU + pull * (out[other] - SOFT_TISSUE_HU)
     scale[other] = pull
@@ -120,6 +128,68 @@ def varied_mapping(rng: np.random.Generator) -> dict:
     from ``UNENHANCED_RANGE``, the spread kept 0.45-0.75 and the unlabelled tissue's pull 0.15-0.45."""
     targets = {name: float(rng.uniform(*span)) for name, span in UNENHANCED_RANGE.items()}
     return {"targets": targets, "contrast": float(rng.uniform(0.45, 0.75)), "pull": float(rng.uniform(0.15, 0.45))}
+
+
+#: The late arterial phase (about 35 s after the injection; the phase every multiphase liver CT has beside the
+#: portal-venous one all 3D-IRCADb patients show) tells the vessels apart, so its structures split them: the
+#: arteries (aorta included) at their brightest, the portal vein filling, the hepatic veins and vena cava not yet.
+ARTERIAL_STRUCTURES = {
+    "liver": ("liver",),
+    "spleen": ("spleen",),
+    "kidneys": ("leftkidney", "rightkidney"),
+    "arteries": ("artery", "aorta"),
+    "portal": ("portalvein",),
+    "veins": ("venoussystem",),
+}
+#: Median late-arterial attenuation the structures are moved to (HU): aorta about 300 (the 250+ HU an arterial
+#: protocol aims at), liver 75 (its arterial supply is a quarter of its blood: some 20 HU over unenhanced, where
+#: the portal-venous phase adds 50-60), spleen 120 (brighter than the liver, unlike the portal-venous phase),
+#: renal cortex 190, portal vein 140 (filling), hepatic veins and vena cava 60 (unopacified: darker than the
+#: liver). Tissue without a mask (pancreas, bowel wall, a spleen or kidney without a mask) is left as it is:
+#: it enhances about as much in both phases.
+ARTERIAL_HU = {"liver": 75.0, "spleen": 120.0, "kidneys": 190.0, "arteries": 300.0, "portal": 140.0, "veins": 60.0}
+#: What those medians span between patients, injections and timings (HU), for training (:func:`varied_arterial`).
+ARTERIAL_RANGE = {
+    "liver": (60.0, 90.0),
+    "spleen": (95.0, 145.0),
+    "kidneys": (140.0, 230.0),
+    "arteries": (220.0, 380.0),
+    "portal": (100.0, 180.0),
+    "veins": (40.0, 80.0),
+}
+#: The liver's spread around its median shrinks with its enhancement (hypodense tumours stay darker than it, by
+#: less); every other structure keeps its spread.
+ARTERIAL_LIVER_CONTRAST = 0.75
+
+
+def arterial_from_masks(
+    hu: np.ndarray,
+    masks: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    targets: dict[str, float] = ARTERIAL_HU,
+    liver_contrast: float = ARTERIAL_LIVER_CONTRAST,
+) -> np.ndarray:
+    """``hu`` (portal-venous phase) as the late arterial phase would show it (float32 HU): each structure of
+    :data:`ARTERIAL_STRUCTURES` that has a mask moved to its ``targets`` median (:func:`unenhanced_hu`'s move),
+    the liver's spread shrunk by ``liver_contrast`` (noise added back), tissue without a mask, bone, fat and air
+    unchanged."""
+    labels, names = structure_labels(hu.shape, masks, ARTERIAL_STRUCTURES)
+    return unenhanced_hu(
+        hu, labels, names, masks.get("bone"), rng, targets=targets, contrast={"liver": liver_contrast}, pull=1.0
+    )
+
+
+def varied_arterial(rng: np.random.Generator) -> dict:
+    """Keyword arguments of :func:`arterial_from_masks` for one random arterial phase: each median drawn from
+    :data:`ARTERIAL_RANGE`, the liver's spread kept 0.6-0.9."""
+    targets = {name: float(rng.uniform(*span)) for name, span in ARTERIAL_RANGE.items()}
+    return {"targets": targets, "liver_contrast": float(rng.uniform(0.6, 0.9))}
+
+
+def arterial(ct: Volume, masks: dict[str, np.ndarray], rng: np.random.Generator, **mapping) -> Volume:
+    """The portal-venous CT as its late arterial phase would look, from its HU and the expert masks it has."""
+    out = arterial_from_masks(ct.array, masks, rng, **mapping)
+    return ct.with_array(np.clip(np.round(out), -1024, 3071).astype(np.int16), appearance="arterial")
 
 
 def masks_of(patient) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """Score liver models on held-out patients made to look like other CTs: thick or thin slices, no contrast (two
-mappings), low dose, another pixel size (finer, or coarse and area-averaged), a sharp reconstruction kernel.
-Each variant goes through the product's own ``segment()`` on its own grid, and the Dice is taken against the
-expert mask carried to that grid. Run from the repository root with the project installed:
+mappings), the arterial phase, low dose, another pixel size (finer, or coarse and area-averaged), a sharp
+reconstruction kernel. Each variant goes through the product's own ``segment()`` on its own grid, and the Dice is
+taken against the expert mask carried to that grid. Run from the repository root with the project installed:
 
     python -m training.robustness --runs training/runs/loo                    # every leave-one-out fold's model
     python -m training.robustness --runs training/runs/loo --experiments liver_scratch_msd
@@ -104,6 +104,11 @@ CONDITIONS: dict[str, tuple[str, Variant]] = {
             appearance.unenhanced(ct, masks, rng, targets=appearance.DARK_UNENHANCED_HU),
             liver,
         ),
+    ),
+    "arterial": (
+        "late arterial phase: liver 75, spleen 120, aorta 300, portal vein 140, hepatic veins 60 HU, the rest as "
+        "acquired (appearance.ARTERIAL_HU)",
+        lambda ct, liver, masks, rng: (appearance.arterial(ct, masks, rng), liver),
     ),
     "low_dose": (
         f"low dose: +{appearance.LOW_DOSE_NOISE_HU:g} HU correlated noise",

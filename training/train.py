@@ -214,6 +214,7 @@ class SliceSet:
     unenhanced: torch.Tensor | None = None
     unenhanced_varied: list
     contrast_free: ContrastFree | None = None
+    arterial: list = []  # late-arterial versions of ``images`` (appearance.arterial_from_masks), each its own values
 
     def index(self, k: int, context: int, slab: int) -> torch.Tensor:
         """The slices that make sample ``k``'s channels, ``(channels, slab)``."""
@@ -236,15 +237,19 @@ class SliceSet:
         version: int = 0,
         mapping: dict | None = None,
         rng: np.random.Generator | None = None,
+        arterial: float = 0.0,
+        arterial_version: int = 0,
     ) -> torch.Tensor:
         """``(2 * context + 1 + structures, H, W)``: slice ``k`` with its neighbours as channels (:meth:`index`;
         each the mean of its slab), then its labels. ``unenhanced`` (0..1) blends in the contrast-free slices
         (:meth:`contrast_free_slices`: ``version`` > 0 the varied ones, or ``mapping`` drawn for this sample,
-        whose noise comes from ``rng``)."""
+        whose noise comes from ``rng``); ``arterial`` (0..1) the ``arterial_version``-th late-arterial ones."""
         index = self.index(k, context, slab)
         x = self.images[index].float().mean(1)
         if unenhanced > 0 and (self.unenhanced is not None or self.contrast_free is not None):
             x = (1 - unenhanced) * x + unenhanced * self.contrast_free_slices(index, version, mapping, rng).mean(1)
+        if arterial > 0 and self.arterial:
+            x = (1 - arterial) * x + arterial * self.arterial[arterial_version][index].float().mean(1)
         y = self.labels[index[index.shape[0] // 2]].float().mean(0)
         return torch.cat([x.expand(2 * context + 1, -1, -1), y])
 
@@ -257,7 +262,8 @@ class PatientSlices(SliceSet):
     with the patient's organ masks), which training blends in with a random weight; with ``varied`` > 0,
     that many more contrast-free versions, each with its own random unenhanced values
     (``appearance.varied_mapping``), in ``unenhanced_varied``. With ``fresh``, none is precomputed: a
-    :class:`ContrastFree` maps each sample with the values it is given.
+    :class:`ContrastFree` maps each sample with the values it is given. With ``arterial`` > 0, that many
+    late-arterial versions, each with random values (``appearance.varied_arterial``), in ``arterial``.
     """
 
     def __init__(
@@ -268,9 +274,10 @@ class PatientSlices(SliceSet):
         unenhanced: bool = False,
         varied: int = 0,
         fresh: bool = False,
+        arterial: int = 0,
     ):
         ct = patient.ct
-        masks = appearance.masks_of(patient) if unenhanced else {}
+        masks = appearance.masks_of(patient) if unenhanced or arterial else {}
         reorient = Reorientation(ct)
         grid = SliceGrid.for_slices(ct.shape[1:], reorient.spacing(ct)[:2], plan)
         hu = torch.from_numpy(np.ascontiguousarray(reorient.forward(ct.array)))
@@ -305,6 +312,12 @@ class PatientSlices(SliceSet):
                 plain = prepare_slices(torch.from_numpy(np.ascontiguousarray(reorient.forward(plain))), grid, plan)
                 self.unenhanced_varied.append(plain.half())
             self.unenhanced = self.unenhanced_varied.pop(0)
+        rng = np.random.default_rng([sum(map(ord, patient.name)), 1])
+        self.arterial = []
+        for _ in range(arterial):
+            phase = appearance.arterial_from_masks(ct.array, masks, rng, **appearance.varied_arterial(rng))
+            phase = prepare_slices(torch.from_numpy(np.ascontiguousarray(reorient.forward(phase))), grid, plan)
+            self.arterial.append(phase.half())
 
     def index(self, k: int, context: int, slab: int) -> torch.Tensor:
         """``(channels, slab)``: slice ``k`` and its neighbours, ``slab`` > 1 contiguous slices each, neighbours one
@@ -376,7 +389,14 @@ class ExtraSlices(SliceSet):
     """
 
     def __init__(
-        self, folder: Path, plan: Plan, pixel_mm: float, structures: int = 1, varied: int = 0, fresh: bool = False
+        self,
+        folder: Path,
+        plan: Plan,
+        pixel_mm: float,
+        structures: int = 1,
+        varied: int = 0,
+        fresh: bool = False,
+        arterial: int = 0,
     ):
         import SimpleITK as sitk
 
@@ -412,6 +432,18 @@ class ExtraSlices(SliceSet):
             plain = appearance.unenhanced_hu(hu, liver.astype(np.uint8), ["liver"], hu >= 250, rng, **mapping)
             self.unenhanced_varied.append(prepare_slices(torch.from_numpy(plain), grid, plan).half())
         self.unenhanced = self.unenhanced_varied.pop(0) if self.unenhanced_varied else None
+        # The arterial phase with the liver mask only: the liver darker, everything else as stored.
+        rng = np.random.default_rng(1)
+        self.arterial = [
+            prepare_slices(
+                torch.from_numpy(
+                    appearance.arterial_from_masks(hu, {"liver": liver, "bone": hu >= 250}, rng, **mapping)
+                ),
+                grid,
+                plan,
+            ).half()
+            for mapping in (appearance.varied_arterial(rng) for _ in range(arterial))
+        ]
 
     def index(self, k: int, context: int, slab: int) -> torch.Tensor:
         """``(1, 1)``: slice ``k`` alone, which :meth:`SliceSet.sample` repeats as its own neighbours (a single
@@ -426,6 +458,7 @@ class ExtraSlices(SliceSet):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[keep])
         self.unenhanced_varied = [v[keep] for v in self.unenhanced_varied]
+        self.arterial = [v[keep] for v in self.arterial]
         if self.contrast_free is not None:
             self.contrast_free.keep_only(keep)
         self.case_of = [c for c, k in zip(self.case_of, keep.tolist()) if k]
@@ -600,7 +633,9 @@ def make_batch(
     (``(S,)`` bool) are no target for that sample. With probability ``aug["pull_p"]`` every value above
     ``aug["pull_hu"]`` is pulled towards it (:func:`pulled_down`), and with probability ``aug["lesion_p"]``
     synthetic lesions are painted inside the first structure's mask (the liver; :func:`with_lesions`), and with
-    probability ``aug["mass_p"]`` synthetic masses beside it, outside every mask (:func:`with_masses`).
+    probability ``aug["mass_p"]`` synthetic masses beside it, outside every mask (:func:`with_masses`). A sample
+    whose contrast was not removed is shown, with probability ``aug["arterial_p"]``, in the late arterial phase
+    by a random share (uniform ``aug["arterial_min"]``..1) of one of its set's arterial versions.
     """
     xs, ys, available = [], [], []
     channels = 2 * plan.context + 1
@@ -616,7 +651,12 @@ def make_batch(
         version = int(rng.integers(varied + 1)) if unenhanced > 0 and varied > 0 else 0
         # unenhanced_fresh: a varied version is a new random unenhanced patient, drawn for this sample
         mapping = appearance.varied_mapping(rng) if version and aug.get("unenhanced_fresh", False) else {}
-        both = crop_or_pad(train[p].sample(k, plan.context, unenhanced, slab, version, mapping, rng), crop, rng)
+        arterial, arterial_version = 0.0, 0
+        if aug.get("arterial_p", 0.0) > 0 and unenhanced == 0 and rng.uniform() < aug["arterial_p"]:
+            arterial = float(rng.uniform(aug["arterial_min"], 1.0))
+            arterial_version = int(rng.integers(max(1, len(train[p].arterial))))
+        sample = train[p].sample(k, plan.context, unenhanced, slab, version, mapping, rng, arterial, arterial_version)
+        both = crop_or_pad(sample, crop, rng)
         if aug.get("pull_p", 0.0) > 0 and rng.uniform() < aug["pull_p"]:
             both[:channels] = pulled_down(both[:channels], plan, aug["pull_hu"], rng.uniform(aug["pull_min"], 1.0))
         if aug.get("lesion_p", 0.0) > 0 and rng.uniform() < aug["lesion_p"]:  # drawn only when enabled
@@ -1035,6 +1075,12 @@ def main(argv: list[str] | None = None) -> int:
             "packed slices hold one contrast-free version; set augment.unenhanced_varied = 0 and "
             "augment.unenhanced_fresh = false, or cache = ''"
         )
+    arterial = cfg["augment"]["arterial_versions"] if cfg["augment"]["arterial_p"] > 0 else 0
+    if arterial and (cache is not None or cfg["augment"]["view_p"] > 0):
+        raise SystemExit(
+            "augment.arterial_p takes late-arterial versions made from the patients' own volumes and axial slices: "
+            "not with cache or augment.view_p; set augment.arterial_p = 0 or leave those out"
+        )
     view_p, views = cfg["augment"]["view_p"], [v for v in plan.views if v != "axial"]
     if view_p > 0 and (not views or cache is not None or fresh):
         raise SystemExit(
@@ -1043,7 +1089,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if cache is None:
         patients = {n: IrcadbPatient(data_root / n) for n in cfg["train_patients"] + cfg["test_patients"]}
-        train = [PatientSlices(patients[n], keys, plan, unenhanced, varied, fresh) for n in cfg["train_patients"]]
+        train = [
+            PatientSlices(patients[n], keys, plan, unenhanced, varied, fresh, arterial) for n in cfg["train_patients"]
+        ]
         test = [patients[n] for n in cfg["test_patients"]]
         test_slices = [PatientSlices(p, keys[:1], plan) for p in test] if cfg["validate"] and rank == 0 else []
     else:  # no 3D evaluation: the original grids are not packed; the per-epoch validation on the model grid is
@@ -1066,6 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
                 len(keys),
                 varied,
                 fresh,
+                arterial,
             )
             if cache is None
             else packed.load(packed.path_for(cache, cfg["extra_2d"]), plan, keys, True)
