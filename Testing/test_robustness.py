@@ -228,6 +228,74 @@ def test_varied_unenhanced_versions_span_fatty_to_normal_livers(patient):
     assert len(seen) >= 3  # the batch draws from the versions
 
 
+def test_arterial_phase_darkens_the_liver_below_the_spleen_and_leaves_the_rest(patient):
+    p = patient("3Dircadb1.1")  # has liver, spleen, kidneys, the three vessel masks and bone
+    masks = appearance.masks_of(p)
+    ct = p.ct.array
+    from training import robustness
+
+    (_, phase, liver) = next(robustness.variants(p, ["arterial"]))
+    out = phase.array
+    assert phase.same_grid(p.ct) and np.array_equal(liver.array, masks["liver"])
+
+    def median(name):
+        inside = (masks[name] > 0) & (ct > appearance.FAT_HU) & (masks["bone"] == 0)
+        return float(np.median(out[inside]))
+
+    assert median("liver") == pytest.approx(75, abs=2)  # appearance.ARTERIAL_HU, from about 112
+    assert median("spleen") == pytest.approx(120, abs=2) and median("artery") == pytest.approx(300, abs=2)
+    assert median("portalvein") == pytest.approx(140, abs=2) and median("venoussystem") == pytest.approx(60, abs=2)
+    assert median("venoussystem") < median("liver") < median("spleen") < median("portalvein") < median("artery")
+    tumours = np.logical_or.reduce([p.mask(n).array > 0 for n in p.organs if n.startswith("livertumor")])
+    inside = (masks["liver"] > 0) & ~tumours
+    assert float(np.median(out[tumours & (masks["liver"] > 0)])) < float(np.median(out[inside])) - 10  # still darker
+    labelled = np.logical_or.reduce([m > 0 for n, m in masks.items() if n != "bone"])
+    for untouched in (ct < -900, (ct > -150) & (ct < -50), masks["bone"] > 0, ~labelled):
+        np.testing.assert_array_equal(out[untouched], ct[untouched])  # air, fat, bone, unlabelled tissue
+
+
+def test_arterial_training_versions_vary_and_blend_in_for_samples_with_contrast(patient, msd_root):
+    from LiverSegUNetLib.preprocess import Plan
+
+    from training import train
+
+    rng = np.random.default_rng(5)
+    drawn = [appearance.varied_arterial(rng) for _ in range(200)]
+    livers = np.array([m["targets"]["liver"] for m in drawn])
+    assert 60 <= livers.min() < 65 and 85 < livers.max() <= 90
+    assert all(m["targets"]["liver"] < m["targets"]["spleen"] < m["targets"]["arteries"] for m in drawn)
+    assert np.mean([m["targets"]["veins"] < m["targets"]["liver"] for m in drawn]) > 0.75  # mostly unopacified
+    plan = Plan(hu_min=0.0, hu_max=255.0, multiple=16)
+    slices = train.PatientSlices(patient("3Dircadb1.7"), ["liver"], plan, unenhanced=True, arterial=2)
+    liver = slices.labels[:, 0] > 0.5
+    native = float(slices.images[liver].float().median()) * 255
+    medians = [float(v[liver].float().median()) * 255 for v in slices.arterial]
+    assert len(medians) == 2 and native > 110 and all(57 <= m <= 93 for m in medians)
+    assert abs(medians[0] - medians[1]) > 1  # each version its own values
+    k = int(np.argmax(liver.sum(dim=(1, 2))))
+    x = slices.sample(k, 1, arterial=1.0, arterial_version=1)
+    assert float(x[1][x[-1] > 0.5].median()) * 255 == pytest.approx(medians[1], abs=6)
+    half = slices.sample(k, 1, arterial=0.5, arterial_version=1)
+    torch.testing.assert_close(half[:-1], (slices.sample(k, 1)[:-1] + x[:-1]) / 2, atol=1e-3, rtol=0)
+
+    aug = {"unenhanced_p": 0.5, "unenhanced_min": 1.0, "thick_p": 0.0, "thick_slices": [2]}
+    aug |= {"arterial_p": 1.0, "arterial_min": 1.0}
+    xs, ys, _ = train.make_batch([slices], [(0, k)] * 40, plan, 512, np.random.default_rng(0), aug)
+    seen = np.array([float(xs[i, 1][ys[i, 0] > 0.5].median()) * 255 for i in range(40)])
+    # contrast removed (about 55 HU) or arterial (one of the versions), never both, never the plain CT
+    assert all(abs(m - 55) < 6 or min(abs(m - a) for a in medians) < 6 for m in seen)
+    assert (seen < 62).any() and (seen > 62).any() and (seen < native - 20).all()
+
+    extra = train.ExtraSlices(msd_root, plan, 1.5, arterial=1)
+    mask = extra.labels[:, 0] > 0.5
+    before, after = extra.images.float(), extra.arterial[0].float()
+    assert float(after[mask].median()) < float(before[mask].median()) - 0.05  # the liver darker
+    away = extra.labels[:, 0] == 0  # no liver anywhere under the pixel
+    np.testing.assert_array_equal(after[away].numpy(), before[away].numpy())  # nothing else changes
+    extra.drop_cases(extra.cases[:1])
+    assert extra.arterial[0].shape == extra.images.shape
+
+
 def test_fresh_unenhanced_samples_cover_the_range_and_match_the_precomputed_mapping(patient):
     """``unenhanced_fresh``: each contrast-free sample is mapped on the fly. The standard mapping lands where the
     precomputed one does; a mapping drawn for a sample puts the liver at its own target, so a batch spans the
@@ -528,7 +596,7 @@ def test_unenhanced_share_is_drawn_from_the_configured_range():
     class Sample:
         available = torch.ones(1, dtype=torch.bool)
 
-        def sample(self, k, context, unenhanced=0.0, slab=1, version=0, mapping=None, rng=None):
+        def sample(self, k, context, unenhanced=0.0, slab=1, version=0, mapping=None, rng=None, *arterial):
             return torch.full((2 * context + 2, 4, 4), unenhanced)
 
     from LiverSegUNetLib.preprocess import Plan

@@ -104,6 +104,14 @@ def test_tiny_training_run_exports_a_loadable_model(ircadb_root, patient, tmp_pa
     floored = load_model(card)
     assert floored.plan.liver_floor_hu == 60.0 and floored.card["provenance"]["robustness_dice"] == new_table
     assert floored.card["provenance"]["rescored"][-1]["command"].endswith("--set liver_floor_hu=60 --entry x@floor=60")
+    # the same entry scored on one more condition since: the card takes the table alone, its plan unchanged
+    wider = {**new_table, "arterial": {"3Dircadb1.17": 0.6}}
+    rescore.rescore(card, {}, ircadb_root.parent, table=wider, table_from="--entry x@floor=60")
+    widened = load_model(card)
+    assert widened.plan == floored.plan and widened.card["provenance"]["robustness_dice"] == wider
+    assert widened.card["weights_sha256"] == floored.card["weights_sha256"]
+    record = widened.card["provenance"]["rescored"][-1]
+    assert record["plan"] == {} and record["command"].endswith(".json --entry x@floor=60")
 
 
 def test_multi_structure_run_scores_each_structure_and_exports_a_chosen_few(ircadb_root, tmp_path):
@@ -219,9 +227,13 @@ def test_training_with_extra_slices_records_them(ircadb_root, msd_root, tmp_path
         'train_patients=["3Dircadb1.7"]',
         'test_patients=["3Dircadb1.17"]',
         "validate=false",
+        "augment.arterial_p=0.5",  # the CT and the extra slices both get late-arterial versions
+        "augment.arterial_versions=1",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "samples whose contrast is kept (arterial versions per set: 1)" in proc.stderr
     prov = load_model(tmp_path / "run" / "model.json").card["provenance"]
+    assert prov["config"]["augment"]["arterial_p"] == 0.5
     assert prov["extra_2d_left_out"] == {"10067": "3Dircadb1.17"}
     assert prov["extra_2d_slices"] == 643 - 5 and "Decathlon" in prov["data"]
     assert prov["config"]["plan"]["hu_min"] == 0 and prov["config"]["plan"]["hu_max"] == 255
@@ -243,6 +255,9 @@ def test_a_run_trains_on_coronal_and_sagittal_slices_and_is_scored_in_every_dire
     proc = _train(ircadb_root, tmp_path / "refused", "liver_views_avg", *sets, 'plan.views=["axial"]')
     assert proc.returncode != 0 and "augment.view_p takes samples from plan.views other than axial" in proc.stderr
     assert "training slices" not in proc.stderr  # refused before the patients were read
+    proc = _train(ircadb_root, tmp_path / "arterial", "liver_views_avg", *sets, "augment.arterial_p=0.4")
+    assert proc.returncode != 0 and "augment.arterial_p takes late-arterial versions" in proc.stderr
+    assert "training slices" not in proc.stderr
 
 
 def test_overlapping_split_is_refused(ircadb_root, tmp_path):
@@ -501,7 +516,7 @@ def test_report_is_written_from_runs(tmp_path):
     "override, message",
     [
         ("epocs=5", "unknown config key 'epocs'; known keys: augment, average_from, base"),
-        ("augment.nosie=0.1", "unknown config key 'augment.nosie'; known keys in augment: aspect, brightness"),
+        ("augment.nosie=0.1", "unknown config key 'augment.nosie'; known keys in augment: arterial_min, arterial_p"),
         ("epochs=5.5", "config key 'epochs' must be int (like 30), got 5.5"),
         ("epochs=true", "config key 'epochs' must be int"),
         ('lr="fast"', "config key 'lr' must be float"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -48,6 +49,36 @@ def test_a_width_capped_network_keeps_its_depth_and_round_trips(tmp_path):
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.network(x), capped(x), atol=2e-2, rtol=2e-2)
+
+
+def test_saving_the_same_weights_again_keeps_the_file_and_its_checksum(small_model):
+    """safetensors writes its metadata in no fixed order: a card re-saved with new provenance only (as
+    ``training.rescore`` does) must keep the weights file byte for byte, or every re-save is a new copy in git."""
+    import struct
+
+    weights = small_model.with_suffix(".safetensors")
+    data = weights.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(reversed(header["__metadata__"].items()))  # another order safetensors may write
+    text = json.dumps(header, separators=(", ", ": ")).encode()  # and spaced: bytes no new save can repeat
+    text += b" " * (-len(text) % 8)
+    reordered = struct.pack("<Q", len(text)) + text + data[8 + n :]
+    assert reordered != data
+    weights.write_bytes(reordered)
+    card = json.loads(small_model.read_text())
+    card["weights_sha256"] = hashlib.sha256(reordered).hexdigest()
+    small_model.write_text(json.dumps(card))
+    model = load_model(small_model)
+    save_model(model.network, model.plan, small_model, model_id="test-small", provenance={"why": "again"})
+    assert weights.read_bytes() == reordered  # kept, not rewritten in the new order
+    again = load_model(small_model)
+    assert again.card["provenance"] == {"why": "again"} and again.card["weights_sha256"] == card["weights_sha256"]
+    with torch.no_grad():
+        next(model.network.parameters()).add_(1.0)
+    save_model(model.network, model.plan, small_model, model_id="test-small")
+    assert weights.read_bytes() != reordered
+    assert load_model(small_model).card["weights_sha256"] != card["weights_sha256"]
 
 
 def test_corrupted_weights_refused(small_model):

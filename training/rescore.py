@@ -7,11 +7,13 @@ through the product's own ``segment()``. Run from the repository root with the p
     python -m training.rescore --cards training/runs/final/liver_robust/model.json --set opening_mm=7.5
     python -m training.rescore --cards CARD.json --set liver_floor_hu=60 \
         --robustness training/results/robustness.json --entry liver_general_avg@floor=60
+    python -m training.rescore --cards CARD.json --robustness training/results/robustness.json --entry E  # a table
 
 The card's provenance keeps a record per re-scoring: the plan values changed, the metrics before, the
 command. A card that carries its recipe's robustness table (a final model's) takes the new one from
 ``--robustness`` (the entry scored with the same plan values, e.g. by ``training.robustness --floors``); its
-leave-one-out Dice must be that entry's native one. Anything that changes what the network sees (window, pixel
+leave-one-out Dice must be that entry's native one; without ``--set`` the card only takes the table (its entry
+scored on more conditions since). Anything that changes what the network sees (window, pixel
 size, context) needs retraining and is refused.
 """
 
@@ -86,9 +88,13 @@ def rescore(
         {
             "plan": changes,
             "held_out_metrics_before": before,
-            "command": f"python -m training.rescore --cards {portable(str(Path(card_path).resolve()))} "
-            + " ".join(f"--set {k}={v:g}" for k, v in changes.items())
-            + (f" {table_from}" if table_from else ""),
+            "command": " ".join(
+                [
+                    f"python -m training.rescore --cards {portable(str(Path(card_path).resolve()))}",
+                    *(f"--set {k}={v:g}" for k, v in changes.items()),
+                    *([table_from] if table_from else []),
+                ]
+            ),
         },
     ]
     provenance["held_out_metrics"] = after
@@ -121,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     changes = parse_sets(args.set)
-    if not changes:
-        parser.error("nothing to change: give --set opening_mm=... or --set threshold=...")
+    if not changes and not args.robustness:
+        parser.error(
+            "nothing to change: give --set opening_mm=... or --set threshold=..., or --robustness F --entry E for a "
+            "card's robustness table alone"
+        )
     cards = list(args.cards)
     if args.runs is not None:
         cards += [c for e in args.experiments for c in sorted(args.runs.glob(f"*/{e}/model.json"))]

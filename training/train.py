@@ -1076,6 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
             "augment.unenhanced_fresh = false, or cache = ''"
         )
     arterial = cfg["augment"]["arterial_versions"] if cfg["augment"]["arterial_p"] > 0 else 0
+    if cfg["augment"]["arterial_p"] > 0 and arterial < 1:
+        raise SystemExit(f"augment.arterial_p needs augment.arterial_versions >= 1, got {arterial}")
     if arterial and (cache is not None or cfg["augment"]["view_p"] > 0):
         raise SystemExit(
             "augment.arterial_p takes late-arterial versions made from the patients' own volumes and axial slices: "
@@ -1149,6 +1151,12 @@ def main(argv: list[str] | None = None) -> int:
             100 * view_p,
             " and ".join(views),
             ", ".join("/".join(str(v.count) for v in sets) for sets in view_sets),
+        )
+    if arterial:
+        log.info(
+            "late arterial phase for %.0f%% of the samples whose contrast is kept (arterial versions per set: %d)",
+            100 * cfg["augment"]["arterial_p"],
+            arterial,
         )
     log.info(
         "%s: %d training slices of %s from %s, test %s, %d process(es) on %s (data %.1f s)",

@@ -133,6 +133,21 @@ def model_card(network, plan: Plan, model_id: str, structures: list[Structure]) 
     return card
 
 
+def same_weights(a: bytes, b: bytes) -> bool:
+    """Whether two safetensors files hold the same tensors and metadata, whatever the order of their header keys."""
+    import struct
+
+    def split(data: bytes):
+        n = struct.unpack("<Q", data[:8])[0]
+        return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+    try:
+        (header_a, data_a), (header_b, data_b) = split(a), split(b)
+    except (struct.error, ValueError):
+        return False
+    return header_a == header_b and data_a == data_b
+
+
 def save_model(
     network,
     plan: Plan,
@@ -172,7 +187,13 @@ def save_model(
     )
     from .outputs import atomic_write_bytes
 
-    atomic_write_bytes(path.parent / card["weights_file"], data)
+    target = path.parent / card["weights_file"]
+    if target.exists() and same_weights(target.read_bytes(), data):
+        # the same tensors and metadata (safetensors writes the metadata in no fixed order): keep the file's bytes,
+        # so a card re-saved with new provenance keeps its weights' checksum and adds no copy of them to a repository
+        data = target.read_bytes()
+        card["weights_sha256"] = sha256_bytes(data)
+    atomic_write_bytes(target, data)
     atomic_write_bytes(path.with_suffix(".json"), (json.dumps(card, indent=2) + "\n").encode())
     return path.with_suffix(".json")
 
