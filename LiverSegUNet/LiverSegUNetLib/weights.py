@@ -188,10 +188,11 @@ def save_model(
     from .outputs import atomic_write_bytes
 
     target = path.parent / card["weights_file"]
-    if target.exists() and same_weights(target.read_bytes(), data):
+    existing = target.read_bytes() if target.exists() else b""
+    if existing and same_weights(existing, data):
         # the same tensors and metadata (safetensors writes the metadata in no fixed order): keep the file's bytes,
         # so a card re-saved with new provenance keeps its weights' checksum and adds no copy of them to a repository
-        data = target.read_bytes()
+        data = existing
         card["weights_sha256"] = sha256_bytes(data)
     atomic_write_bytes(target, data)
     atomic_write_bytes(path.with_suffix(".json"), (json.dumps(card, indent=2) + "\n").encode())
