@@ -90,6 +90,8 @@ EXPERIMENTS = [
     "liver_views_avg",
     "liver_arterial_avg",
     "liver_arterial_avg_seed2",
+    "liver_gamma_avg",
+    "liver_gamma_avg_seed2",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
@@ -119,6 +121,7 @@ REPLICATES = {
     "liver_general_avg_seed1": "liver_general_avg",
     "liver_general_fine_avg_seed1": "liver_general_fine_avg",
     "liver_arterial_avg_seed2": "liver_arterial_avg",
+    "liver_gamma_avg_seed2": "liver_gamma_avg",
 }
 #: Experiments sized for a GPU (python -m training.slot sweep, then slot score brings the fold models here):
 #: the LOO stage runs them only when named with --only; once their fold runs exist they compete as any other.

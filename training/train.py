@@ -697,7 +697,10 @@ def augment(
     """Random rotation, scale (with ``aug["aspect"]`` > 0 also the body's width-to-height ratio, changed by a
     factor log-uniform in 1 / (1 + aspect) .. 1 + aspect), shift and elastic deformation (same for image and
     label), then, with probability ``aug["coarse_p"]``, coarse pixels (uniform ``aug["coarse_mm"]`` in mm on the
-    ``pixel_mm`` model grid, image only: :func:`coarser`), then contrast, brightness and noise."""
+    ``pixel_mm`` model grid, image only: :func:`coarser`), then contrast, brightness and noise, then, with
+    probability ``aug["gamma_p"]``, a gamma curve on the windowed values (exponent log-uniform in ``aug["gamma"]``):
+    the order of the values and the window's ends stay, the soft tissue between moves up or down together, its
+    contrasts stretched on one side and squeezed on the other, as another scanner, protocol or phase shows them."""
     n = x.shape[0]
 
     def uniform(lo, hi, shape=(n,)):
@@ -730,6 +733,11 @@ def augment(
     brightness = uniform(-aug["brightness"], aug["brightness"]).view(n, 1, 1, 1)
     noise = uniform(0, aug["noise"]).view(n, 1, 1, 1) * torch.randn(x.shape, generator=gen)
     x = ((x - 0.5) * contrast + 0.5 + brightness + noise).clamp(0, 1)
+    if aug.get("gamma_p", 0.0) > 0:  # drawn only when enabled: configs without it keep their random stream
+        chosen = (torch.rand(n, generator=gen) < aug["gamma_p"]).view(n, 1, 1, 1)
+        low, high = (math.log(g) for g in aug["gamma"])
+        gamma = torch.exp(uniform(low, high)).view(n, 1, 1, 1)
+        x = torch.where(chosen, x.pow(gamma), x)
     return x, y
 
 
@@ -1078,6 +1086,9 @@ def main(argv: list[str] | None = None) -> int:
     arterial = cfg["augment"]["arterial_versions"] if cfg["augment"]["arterial_p"] > 0 else 0
     if cfg["augment"]["arterial_p"] > 0 and arterial < 1:
         raise SystemExit(f"augment.arterial_p needs augment.arterial_versions >= 1, got {arterial}")
+    gamma = cfg["augment"]["gamma"]
+    if cfg["augment"]["gamma_p"] > 0 and not (len(gamma) == 2 and 0 < min(gamma) <= max(gamma)):
+        raise SystemExit(f"augment.gamma must be [low, high] with 0 < low <= high (1: no change), got {gamma}")
     if arterial and (cache is not None or cfg["augment"]["view_p"] > 0):
         raise SystemExit(
             "augment.arterial_p takes late-arterial versions made from the patients' own volumes and axial slices: "
