@@ -590,6 +590,39 @@ def test_aspect_ratio_stretches_image_and_mask_alike(patient):
     assert min(changes) < 0.95 and max(changes) > 1.05, changes  # both wider and taller bodies are drawn
 
 
+def test_gamma_curve_moves_the_soft_tissue_and_keeps_the_window_ends_and_the_mask(patient):
+    from training import train
+
+    x, y = _liver_slices(patient, 4)
+    plain_x, plain_y = _still_and_off(x, y, "gamma_p")
+    liver = plain_y[:, 0] > 0.5
+    level = {}
+    for gamma in (0.7, 1.5):
+        aug = {**STILL, "gamma_p": 1.0, "gamma": [gamma, gamma]}
+        curved_x, curved_y = train.augment(x.clone(), y.clone(), aug, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(curved_y, plain_y)  # the mask stays where the liver is
+        torch.testing.assert_close(curved_x, plain_x.pow(gamma))
+        assert torch.equal(curved_x == 0, plain_x == 0) and torch.equal(curved_x == 1, plain_x == 1)  # fat, bone
+        level[gamma] = float(curved_x[:, 1][liver].median()) * 255  # the window is 0..255 HU
+    enhanced = float(plain_x[:, 1][liver].median()) * 255
+    assert 90 < enhanced < 140 and level[0.7] > enhanced + 20 and level[1.5] < enhanced - 30, (enhanced, level)
+    # the order of the values is kept: a darker pixel stays darker
+    order = plain_x[0, 1].flatten().argsort()
+    curved = train.augment(x.clone(), y.clone(), {**STILL, "gamma_p": 1.0, "gamma": [1.5, 1.5]}, torch.Generator())[0]
+    assert bool((curved[0, 1].flatten()[order].diff() >= 0).all())
+    # with gamma_p < 1 some samples are curved and the rest are as before, each curved by its own exponent
+    aug = {**STILL, "gamma_p": 0.5, "gamma": [0.7, 1.5]}
+    some_x, _ = train.augment(x.repeat(4, 1, 1, 1), y.repeat(4, 1, 1, 1), aug, torch.Generator().manual_seed(3))
+    same = [torch.equal(some_x[i], plain_x[0]) for i in range(16)]
+    assert 0 < sum(same) < 16, same
+    exponents = {
+        round(float(some_x[i, 1][liver[0]].median().log() / plain_x[0, 1][liver[0]].median().log()), 3)
+        for i in range(16)
+        if not same[i]
+    }
+    assert len(exponents) == 16 - sum(same) and all(0.69 < g < 1.51 for g in exponents), exponents
+
+
 def test_unenhanced_share_is_drawn_from_the_configured_range():
     from training import train
 

@@ -229,11 +229,13 @@ def test_training_with_extra_slices_records_them(ircadb_root, msd_root, tmp_path
         "validate=false",
         "augment.arterial_p=0.5",  # the CT and the extra slices both get late-arterial versions
         "augment.arterial_versions=1",
+        "augment.gamma_p=0.5",  # and a gamma curve on half the samples
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "samples whose contrast is kept (arterial versions per set: 1)" in proc.stderr
     prov = load_model(tmp_path / "run" / "model.json").card["provenance"]
     assert prov["config"]["augment"]["arterial_p"] == 0.5
+    assert prov["config"]["augment"]["gamma_p"] == 0.5 and prov["config"]["augment"]["gamma"] == [0.7, 1.5]
     assert prov["extra_2d_left_out"] == {"10067": "3Dircadb1.17"}
     assert prov["extra_2d_slices"] == 643 - 5 and "Decathlon" in prov["data"]
     assert prov["config"]["plan"]["hu_min"] == 0 and prov["config"]["plan"]["hu_max"] == 255
@@ -257,6 +259,9 @@ def test_a_run_trains_on_coronal_and_sagittal_slices_and_is_scored_in_every_dire
     assert "training slices" not in proc.stderr  # refused before the patients were read
     proc = _train(ircadb_root, tmp_path / "arterial", "liver_views_avg", *sets, "augment.arterial_p=0.4")
     assert proc.returncode != 0 and "augment.arterial_p takes late-arterial versions" in proc.stderr
+    assert "training slices" not in proc.stderr
+    proc = _train(ircadb_root, tmp_path / "gamma", "liver_gamma_avg", *sets, "augment.gamma=[0.0, 1.5]")
+    assert proc.returncode != 0 and "augment.gamma must be [low, high] with 0 < low <= high" in proc.stderr
     assert "training slices" not in proc.stderr
 
 
