@@ -1026,6 +1026,35 @@ def test_loss_ignores_structures_a_patient_has_no_mask_for():
     torch.testing.assert_close(one, bce + 1 - dice)
 
 
+def test_per_sample_dice_weighs_each_crop_holding_the_liver_alike_and_leaves_the_empty_ones_to_cross_entropy():
+    dice_bce_loss = train.dice_bce_loss
+    logits = torch.full((3, 1, 8, 8), -4.0)
+    target = torch.zeros(3, 1, 8, 8)
+    target[0, 0] = 1  # a crop full of liver, found
+    logits[0, 0] = 4.0
+    target[1, 0, :2, :2] = 1  # a sliver of liver (4 pixels), missed; crop 2 holds none
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+
+    def dice(i):
+        return (2 * (prob[i] * target[i]).sum() + 1) / (prob[i].sum() + target[i].sum() + 1)
+
+    each = dice_bce_loss(logits, target, per_sample=True)
+    torch.testing.assert_close(each, bce + 1 - (dice(0) + dice(1)) / 2)  # crop 2 adds only cross-entropy
+    pooled = dice_bce_loss(logits, target)
+    assert float(each - bce) > 0.35 and float(pooled - bce) < 0.1  # the missed sliver: half the Dice loss
+    # a structure no crop holds: cross-entropy alone; one not available in a crop: nothing from that crop
+    torch.testing.assert_close(
+        dice_bce_loss(logits[2:], target[2:], per_sample=True),
+        bce.new_tensor(0) + (torch.nn.functional.binary_cross_entropy_with_logits(logits[2:], target[2:])),
+    )
+    available = torch.tensor([[True], [False], [True]])
+    only = dice_bce_loss(logits, target, available, per_sample=True)
+    kept = torch.tensor([0, 2])
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits[kept], target[kept])
+    torch.testing.assert_close(only, ce + 1 - dice(0))
+
+
 def test_tumour_targets_are_the_lesion_masks_inside_the_liver(patient):
     from training.labels import mask_names, targets
 

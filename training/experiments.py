@@ -92,6 +92,8 @@ EXPERIMENTS = [
     "liver_arterial_avg_seed2",
     "liver_gamma_avg",
     "liver_gamma_avg_seed2",
+    "liver_slices_avg",
+    "liver_slices_avg_seed2",
     "bone_pretrain_final",
     "liver_scratch_25_final",
     "liver_transfer_25_final",
@@ -122,6 +124,7 @@ REPLICATES = {
     "liver_general_fine_avg_seed1": "liver_general_fine_avg",
     "liver_arterial_avg_seed2": "liver_arterial_avg",
     "liver_gamma_avg_seed2": "liver_gamma_avg",
+    "liver_slices_avg_seed2": "liver_slices_avg",
 }
 #: Experiments sized for a GPU (python -m training.slot sweep, then slot score brings the fold models here):
 #: the LOO stage runs them only when named with --only; once their fold runs exist they compete as any other.

@@ -782,12 +782,14 @@ def set_train_mode(net: UNet2D, cfg: dict) -> None:
         net.bottleneck.eval()
 
 
-def train_step(net, opt, sched, batch, autocast, device: str, extra_weight: float = 1.0) -> float:
+def train_step(
+    net, opt, sched, batch, autocast, device: str, extra_weight: float = 1.0, dice_per_sample: bool = False
+) -> float:
     """One optimizer step on a batch ``(images, labels, available)``; returns the loss."""
     x, y, available = (t.to(device) for t in batch)
     with autocast:
         logits = net(x.contiguous(memory_format=torch.channels_last) if device == "cpu" else x)
-    loss = dice_bce_loss(logits.float(), y, available, extra_weight)
+    loss = dice_bce_loss(logits.float(), y, available, extra_weight, dice_per_sample)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -796,7 +798,11 @@ def train_step(net, opt, sched, batch, autocast, device: str, extra_weight: floa
 
 
 def dice_bce_loss(
-    logits: torch.Tensor, target: torch.Tensor, available: torch.Tensor | None = None, extra_weight: float = 1.0
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    available: torch.Tensor | None = None,
+    extra_weight: float = 1.0,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice over the batch, for ``(B, S, H, W)`` logits.
 
@@ -804,15 +810,23 @@ def dice_bce_loss(
     mask for a structure adds nothing to that structure's loss, neither cross-entropy nor Dice. The
     loss is the cross-entropy over every counted pixel, plus 1 - Dice of the first structure, plus
     ``extra_weight`` times the mean 1 - Dice of the other structures present in the batch.
+
+    ``per_sample``: a structure's Dice is the mean of each sample's own, over the samples that hold some of it
+    (the others add only their cross-entropy), so a crop with a sliver of liver (the dome, a lobe's tip) weighs as
+    much as one full of it; over the batch, a sliver weighs by its pixels.
     """
     if available is None:
         available = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
     weight = available[:, :, None, None].to(logits.dtype).expand_as(logits)
     bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / weight.sum().clamp(min=1)
     prob = torch.sigmoid(logits) * weight
-    inter = (prob * target).sum((0, 2, 3))
-    soft_dice = (2 * inter + 1) / (prob.sum((0, 2, 3)) + (target * weight).sum((0, 2, 3)) + 1)
+    dims = (2, 3) if per_sample else (0, 2, 3)
+    inter = (prob * target).sum(dims)
+    soft_dice = (2 * inter + 1) / (prob.sum(dims) + (target * weight).sum(dims) + 1)
     present = available.any(0)
+    if per_sample:  # (B, S): averaged over the samples holding the structure
+        holding = (available & (target.sum((2, 3)) > 0)).to(logits.dtype)
+        soft_dice = torch.where(holding.sum(0) > 0, (soft_dice * holding).sum(0) / holding.sum(0).clamp(min=1), 1.0)
     loss = bce + (1 - soft_dice[0]) * present[0]
     if logits.shape[1] > 1 and present[1:].any():
         loss = loss + extra_weight * (1 - soft_dice[1:][present[1:]]).mean()
@@ -1247,7 +1261,11 @@ def main(argv: list[str] | None = None) -> int:
         steps = tqdm(range(steps_per_epoch), f"epoch {epoch}", leave=False, disable=None if rank == 0 else True)
         for step in steps:
             x, y, available = next_batch(step, mine)
-            losses.append(train_step(ddp, opt, sched, (x, y, available), autocast, device, cfg["extra_weight"]))
+            losses.append(
+                train_step(
+                    ddp, opt, sched, (x, y, available), autocast, device, cfg["extra_weight"], cfg["dice_per_sample"]
+                )
+            )
         if world > 1:  # batch-norm statistics are per process; keep rank 0's everywhere, as it is saved
             for buffer in net.buffers():
                 dist.broadcast(buffer, 0)
